@@ -1,0 +1,209 @@
+"""Recipes: one typed schema with a section per stage, loaded from ``configs/*.yaml``.
+
+A recipe is refused, with the key and the allowed values named, when it carries an unknown
+key or a bad value. ``--set section.key=value`` overrides apply before validation, and every
+recipe has a stable hash (of its resolved, canonical JSON) that runs log as lineage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIG_DIR = Path(os.environ.get("LENS_CONFIG_DIR", Path(__file__).resolve().parents[1] / "configs"))
+ASPECT_RATIOS_1_2_TO_2_1 = ["1:2", "9:16", "2:3", "3:4", "1:1", "4:3", "3:2", "16:9", "2:1"]
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message names the key and the fix."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ContractSection(Section):
+    """The data contract's thresholds (checked by the Great Expectations suite)."""
+
+    min_area: int = Field(384 * 384, ge=1, description="minimum width*height in pixels")
+    aspect_min: float = Field(0.5, gt=0)
+    aspect_max: float = Field(2.0, gt=0)
+    caption_words_min: int = Field(30, ge=1)
+    caption_words_max: int = Field(400, ge=1)
+    caption_mean_min: float = Field(90.0, ge=0)
+    caption_mean_max: float = Field(130.0, ge=0)
+    blur_min: float = Field(30.0, ge=0, description="Laplacian variance of the grey image")
+    entropy_min: float = Field(3.0, ge=0, description="grey-histogram entropy, bits")
+    luminance_min: float = Field(0.04, ge=0, le=1)
+    luminance_max: float = Field(0.96, ge=0, le=1)
+    tokenizer: str = Field("minilm", description="tokenizer counting caption tokens")
+    max_tokens: int = Field(512, ge=1, description="the text encoder's maximum length")
+    max_truncation_rate: float = Field(0.01, ge=0, le=1)
+    max_rejection_rate: float = Field(0.05, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ContractSection:
+        for lo, hi in [("aspect_min", "aspect_max"), ("caption_words_min", "caption_words_max"),
+                       ("caption_mean_min", "caption_mean_max"), ("luminance_min", "luminance_max")]:
+            if getattr(self, lo) > getattr(self, hi):
+                raise ValueError(f"{lo} must be <= {hi}")
+        return self
+
+
+class DataSection(Section):
+    """Where samples come from, how they are sharded, and which task runner maps over shards."""
+
+    source: Literal["shapes", "ingest"] = "shapes"
+    ingest_paths: list[str] = Field(default_factory=list)
+    num_samples: int = Field(512, ge=1)
+    samples_per_shard: int = Field(128, ge=1)
+    min_objects: int = Field(1, ge=1, le=4)
+    max_objects: int = Field(4, ge=1, le=4)
+    task_runner: Literal["threads", "dask"] = "threads"
+    workers: int = Field(2, ge=1)
+    dask_address: str | None = Field(None, description="tcp://host:8786 of a running scheduler")
+    contract: ContractSection = Field(default_factory=ContractSection)
+
+    @model_validator(mode="after")
+    def _check(self) -> DataSection:
+        if self.min_objects > self.max_objects:
+            raise ValueError("min_objects must be <= max_objects")
+        if self.source == "ingest" and not self.ingest_paths:
+            raise ValueError("source 'ingest' needs ingest_paths (folders, .tar or .parquet)")
+        return self
+
+
+class BucketsSection(Section):
+    """Resolution buckets: base areas (as sides) x aspect ratios, snapped to a size multiple."""
+
+    base_sizes: list[int] = Field(default_factory=lambda: [512, 768, 1024], min_length=1)
+    aspect_ratios: list[str] = Field(default_factory=lambda: list(ASPECT_RATIOS_1_2_TO_2_1))
+    multiple: int = Field(32, ge=1)
+    token_px: int = Field(16, ge=1, description="pixels per token side: VAE factor x patch")
+
+    @model_validator(mode="after")
+    def _check(self) -> BucketsSection:
+        for ratio in self.aspect_ratios:
+            parts = ratio.split(":")
+            if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+                raise ValueError(f"aspect ratio {ratio!r} must look like 'W:H', e.g. '16:9'")
+        return self
+
+
+class LoaderSection(Section):
+    """Packed mixed-resolution batches."""
+
+    token_budget: int = Field(24576, ge=1, description="image tokens per packed batch")
+    num_workers: int = Field(2, ge=0)
+    shuffle_buffer: int = Field(1024, ge=1, description="samples packed together")
+
+
+class TrackingSection(Section):
+    experiment: str = "lens"
+
+
+class Recipe(Section):
+    name: str
+    seed: int = 0
+    data: DataSection = Field(default_factory=DataSection)
+    buckets: BucketsSection = Field(default_factory=BucketsSection)
+    loader: LoaderSection = Field(default_factory=LoaderSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
+
+    def hash(self) -> str:
+        """Stable 12-hex hash of the resolved recipe."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+    def flat(self) -> dict[str, Any]:
+        """``section.key -> value`` for logging as params."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = value
+
+        walk("", self.model_dump(mode="json"))
+        return out
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The section model that owns the field at ``loc`` (for listing allowed keys)."""
+    model: type[BaseModel] = Recipe
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def _explain(err: ValidationError, source: str) -> RecipeError:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not isinstance(p, int))
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            owner = _model_at(loc)
+            allowed = ", ".join(owner.model_fields) if owner else "?"
+            lines.append(f"unknown key '{key}'; allowed keys here: {allowed}")
+        elif e["type"] == "literal_error":
+            lines.append(f"{key}: got {e['input']!r}; allowed values: {e['ctx']['expected']}")
+        else:
+            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+    return RecipeError(f"recipe {source} is invalid:\n  " + "\n  ".join(lines))
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """Apply one ``section.key=value`` override in place; the value is parsed as YAML."""
+    if "=" not in assignment:
+        raise RecipeError(f"--set {assignment!r}: expected section.key=value, e.g. data.num_samples=64")
+    path, raw = assignment.split("=", 1)
+    keys = path.strip().split(".")
+    node = tree
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"--set {assignment!r}: '{k}' is a value, not a section")
+        node = child
+    node[keys[-1]] = yaml.safe_load(raw)
+
+
+def resolve_path(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in {".yaml", ".yml"} and path.exists():
+        return path
+    candidate = CONFIG_DIR / f"{name_or_path}.yaml"
+    if candidate.exists():
+        return candidate
+    known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise RecipeError(f"unknown recipe {str(name_or_path)!r}; known recipes: {', '.join(known)} "
+                      f"(or pass a path to a .yaml file)")
+
+
+def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load a recipe by name (``configs/NAME.yaml``) or path, apply overrides, validate."""
+    path = resolve_path(name_or_path)
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"recipe {path} is not valid YAML: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise RecipeError(f"recipe {path} must be a mapping of sections, got {type(tree).__name__}")
+    tree.setdefault("name", path.stem)
+    for assignment in overrides or []:
+        apply_override(tree, assignment)
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as exc:
+        raise _explain(exc, str(path)) from None
