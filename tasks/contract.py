@@ -1,0 +1,93 @@
+"""The data contract as a Great Expectations 1.x suite, built from lens_model's rules."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pandas as pd
+
+from lens_model.data.contract import Rule
+
+_LOCAL = threading.local()  # one GX context per thread: its stores are not thread-safe
+
+
+def _context() -> Any:
+    if not hasattr(_LOCAL, "ctx"):
+        _LOCAL.ctx, _LOCAL.validations = _new_context(), {}
+    return _LOCAL.ctx
+
+
+def _new_context() -> Any:
+    import great_expectations as gx  # ~2 s import: only when a contract is checked
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    ctx = gx.get_context(mode="ephemeral")
+    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
+    return ctx
+
+
+def expectation(rule: Rule) -> Any:
+    """The GX expectation that checks ``rule``."""
+    import great_expectations.expectations as gxe
+
+    col = rule.column
+    if rule.kind == "not_null":
+        return gxe.ExpectColumnValuesToNotBeNull(column=col)
+    if rule.kind == "is_true":
+        return gxe.ExpectColumnValuesToBeInSet(column=col, value_set=[True])
+    if rule.kind == "unique":
+        return gxe.ExpectColumnValuesToBeUnique(column=col)
+    if rule.kind == "between":
+        return gxe.ExpectColumnValuesToBeBetween(column=col, min_value=rule.min, max_value=rule.max)
+    if rule.kind == "mean_between":
+        return gxe.ExpectColumnMeanToBeBetween(column=col, min_value=rule.min, max_value=rule.max)
+    if rule.kind == "at_most_share":
+        return gxe.ExpectColumnValuesToBeBetween(column=col, max_value=rule.max, mostly=rule.mostly)
+    raise ValueError(f"rule {rule.reason}: unknown kind {rule.kind!r}")
+
+
+def _validation(rules: tuple[Rule, ...]) -> Any:
+    """One validation definition per distinct rule set and thread, reused across shards."""
+    import great_expectations as gx
+
+    ctx = _context()
+    if rules in _LOCAL.validations:
+        return _LOCAL.validations[rules]
+    name = f"lens-contract-{abs(hash(rules)):x}"
+    source = ctx.data_sources.add_pandas(name)
+    batch = source.add_dataframe_asset("manifest").add_batch_definition_whole_dataframe("all")
+    suite = gx.ExpectationSuite(name=name)
+    for rule in rules:
+        suite.add_expectation(expectation(rule))
+    suite = ctx.suites.add(suite)
+    definition = gx.ValidationDefinition(name=name, data=batch, suite=suite)
+    _LOCAL.validations[rules] = ctx.validation_definitions.add(definition)
+    return _LOCAL.validations[rules]
+
+
+def validate(df: pd.DataFrame, rules: list[Rule]) -> dict[str, Any]:
+    """Run the suite of ``rules`` over ``df``; returns GX's result as a JSON-able dict."""
+    definition = _validation(tuple(rules))
+    result = definition.run(batch_parameters={"dataframe": df}, result_format="SUMMARY")
+    out = result.to_json_dict()
+    for res, rule in zip(out["results"], rules, strict=True):
+        res["lens_reason"] = rule.reason
+    return out
+
+
+def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per expectation, unexpected and element counts summed over several shard results."""
+    table: dict[str, dict[str, Any]] = {}
+    for result in results:
+        for res in result["results"]:
+            cfg = res["expectation_config"]
+            row = table.setdefault(res["lens_reason"], {
+                "reason": res["lens_reason"], "expectation": cfg["type"],
+                "column": cfg["kwargs"].get("column"), "element_count": 0,
+                "unexpected_count": 0, "shards_failed": 0})
+            r = res.get("result", {})
+            row["element_count"] += int(r.get("element_count", 0) or 0)
+            row["unexpected_count"] += int(r.get("unexpected_count", 0) or 0)
+            row["shards_failed"] += 0 if res["success"] else 1
+    return list(table.values())

@@ -1,0 +1,91 @@
+"""MLflow: experiments on the embedded defaults, lineage tags on every run."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+from lens import defaults
+from lens_model.recipe import Recipe
+
+
+def git_commit(cwd: str | Path = ".") -> str:
+    """The checkout's commit (``+dirty`` when it has changes), or ``unknown`` outside git."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    try:
+        sha = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return "unknown"
+    return f"{sha}+dirty" if dirty else sha
+
+
+def flow_run_id() -> str:
+    from prefect.runtime import flow_run
+
+    return str(flow_run.id or "")
+
+
+def lineage(recipe: Recipe, dvc_hash: str, parent_run_id: str = "", cwd: str | Path = ".") -> dict:
+    """The lineage tags every run carries (ARCHITECTURE.md, Conventions)."""
+    return {
+        "lens.git_commit": git_commit(cwd),
+        "lens.recipe": recipe.name,
+        "lens.recipe_hash": recipe.hash(),
+        "lens.dvc_hash": dvc_hash,
+        "lens.prefect_flow_run_id": flow_run_id(),
+        "lens.parent_run_id": parent_run_id,
+    }
+
+
+def experiment(name: str) -> str:
+    """The experiment's id, creating it (artifacts under ``$LENS_HOME`` on SQLite) if missing."""
+    uri = defaults.mlflow_uri()
+    mlflow.set_tracking_uri(uri)
+    found = mlflow.get_experiment_by_name(name)
+    if found:
+        return found.experiment_id
+    location = None
+    if uri.startswith("sqlite:"):
+        location = defaults.mlflow_artifact_root().as_uri()
+    try:
+        return mlflow.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:  # created meanwhile by a concurrent run
+        return mlflow.get_experiment_by_name(name).experiment_id
+
+
+def log_data_run(recipe: Recipe, merged: dict[str, Any], version: dict[str, Any],
+                 dataset_dir: str | Path, cwd: str | Path = ".") -> str:
+    """One MLflow run for a dataset build: params, counts, reasons, GX report, the dataset."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    exp = experiment(recipe.tracking.experiment)
+    tags = lineage(recipe, version["dvc_hash"], cwd=cwd) | {
+        "lens.stage": "data", "lens.dvc_remote": version["remote"],
+        "lens.raw_dvc_hash": version["raw_dvc_hash"], "lens.contract_passed":
+        str(merged["passed"]).lower()}
+    with mlflow.start_run(experiment_id=exp, run_name=f"data-{recipe.name}", tags=tags) as run:
+        params = {k: v for k, v in recipe.flat().items()
+                  if k.split(".")[0] in ("name", "seed", "data", "buckets")}
+        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+        mlflow.log_metrics({
+            "data.inputs": merged["inputs"], "data.valid": merged["valid"],
+            "data.quarantined": merged["quarantined"],
+            "data.rejection_rate": merged["rejection_rate"],
+            "data.caption_word_mean": merged["caption_word_mean"],
+            "data.truncation_rate": merged["truncation_rate"],
+            **{f"quarantine.{reason}": n for reason, n in merged["reasons"].items()},
+        })
+        source = resolve_dataset_source(str(Path(dataset_dir).resolve()))
+        dataset = MetaDataset(source=source, name=f"{recipe.name}-dataset",
+                              digest=version["dvc_hash"][:36])
+        mlflow.log_input(dataset, context="training", tags={"dvc_hash": version["dvc_hash"]})
+        for key in ("report", "summary"):
+            mlflow.log_artifact(merged[key], artifact_path="contract")
+        return run.info.run_id
