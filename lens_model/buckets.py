@@ -4,6 +4,7 @@ Buckets come from base areas (given as sides: 1024 means 1024^2), aspect ratios 
 multiple. For a ratio r = w/h the short side is sqrt(area / max(r, 1/r)) rounded to the
 multiple, and the long side is the short side times the ratio, rounded to the multiple. At
 1024^2 this gives the paper's 736x1472 ... 1472x736; three bases and nine ratios give its 27.
+At tiny sizes two ratios can snap to the same size; such duplicates are merged.
 
 Assignment policy (``assign_bucket``):
 1. aspect: the bucket whose log aspect ratio is nearest the image's;
@@ -45,7 +46,7 @@ def parse_ratio(ratio: str) -> float:
 
 
 def _snap(x: float, multiple: int) -> int:
-    return max(multiple, int(round(x / multiple)) * multiple)
+    return max(multiple, math.floor(x / multiple + 0.5) * multiple)  # half up, not to even
 
 
 def make_buckets(base_sizes: list[int], aspect_ratios: list[str], multiple: int) -> list[Bucket]:

@@ -85,7 +85,13 @@ class _BatchDecoder(Dataset):
 
     def __getitem__(self, item: tuple[int, int, tuple[int, ...]]) -> Batch:
         epoch, index, rows = item
-        images = [self._image(r) for r in rows]
+        pixels = [self._pixels(r) for r in rows]  # (3, h, w) uint8 each
+        # One float buffer per batch, images as views of it: a worker then passes the batch
+        # through one shared-memory block rather than one per image.
+        flat = torch.from_numpy(np.concatenate([p.ravel() for p in pixels]))
+        flat = flat.float().div_(127.5).sub_(1.0)
+        images = [v.view(p.shape) for v, p in zip(flat.split([p.size for p in pixels]), pixels,
+                                                  strict=True)]
         grids = [(self.buckets[r].height // self.token_px, self.buckets[r].width // self.token_px)
                  for r in rows]
         return Batch([self.keys[r] for r in rows], [self.captions[r] for r in rows], images,
@@ -99,7 +105,7 @@ class _BatchDecoder(Dataset):
             self._open[shard] = (open(path, "rb", buffering=0), index_shard(path))
         return self._open[shard]
 
-    def _image(self, row: int) -> Tensor:
+    def _pixels(self, row: int) -> np.ndarray:
         key, shard, bucket = self.keys[row], self.shards[row], self.buckets[row]
         fh, index = self._shard(shard)
         members = index.get(key, {})
@@ -116,8 +122,7 @@ class _BatchDecoder(Dataset):
             raise ValueError(f"sample {key!r} in {shard}: image does not decode ({exc}); "
                              f"re-run data validation so the manifest lists only good images"
                              ) from exc
-        pixels = torch.from_numpy(np.asarray(fitted, dtype=np.uint8).copy())  # (h, w, 3)
-        return pixels.permute(2, 0, 1).float().div_(127.5).sub_(1.0)  # (3, h, w)
+        return np.asarray(fitted, dtype=np.uint8).transpose(2, 0, 1)  # (3, h, w)
 
     def close(self) -> None:
         for fh, _ in self._open.values():

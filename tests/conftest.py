@@ -1,0 +1,57 @@
+"""Test isolation: every test session gets its own LENS_HOME, Prefect home and MLflow store."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_SESSION = Path(tempfile.mkdtemp(prefix="lens-tests-"))
+for var in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "LENS_DVC_REMOTE", "LENS_DVC_REPO"):
+    os.environ.pop(var, None)  # tests never touch a user's servers
+os.environ["LENS_HOME"] = str(_SESSION / "home")
+
+from lens import defaults  # noqa: E402  (the environment above must be set first)
+
+defaults.apply()
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """Prefect's own test server, once per session (about 7 s to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+def run(cmd: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    """Run a command with the venv's tools first on PATH; fail with its output shown."""
+    full_env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", **env}
+    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+@pytest.fixture
+def dvc_repo(tmp_path: Path) -> Path:
+    """A fresh git + DVC repo holding the project's dvc.yaml and params.yaml."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(REPO / name, root / name)
+    # dvc.yaml's code deps, so `dvc status` can hash them
+    for dep in ("lens_model/data", "tasks"):
+        shutil.copytree(REPO / dep, root / dep, ignore=shutil.ignore_patterns("__pycache__"))
+    run(["git", "init", "-q"], root)
+    run([sys.executable, "-m", "dvc", "init", "-q"], root)
+    run(["git", "add", "-A"], root)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"], root)
+    return root

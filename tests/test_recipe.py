@@ -1,0 +1,94 @@
+"""Recipes: schema, refusals that name the key, overrides, stable hashes, buckets."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from PIL import Image
+
+from lens import defaults
+from lens_model.buckets import assign_bucket, buckets_for, fit_to_bucket, make_buckets
+from lens_model.recipe import ASPECT_RATIOS_1_2_TO_2_1, RecipeError, load_recipe
+
+
+@pytest.mark.parametrize("name", ["tiny", "toy", "lens-3.8b"])
+def test_shipped_recipes_load_with_stable_hash(name: str) -> None:
+    a, b = load_recipe(name), load_recipe(name)
+    assert a.name == name and a.hash() == b.hash() and len(a.hash()) == 12
+
+
+def test_override_changes_value_and_hash() -> None:
+    base = load_recipe("tiny")
+    changed = load_recipe("tiny", ["data.num_samples=64", "data.contract.max_tokens=128"])
+    assert changed.data.num_samples == 64 and changed.data.contract.max_tokens == 128
+    assert changed.hash() != base.hash()
+
+
+def test_unknown_key_names_key_and_allowed_keys() -> None:
+    with pytest.raises(RecipeError) as err:
+        load_recipe("tiny", ["data.num_sample=3"])
+    msg = str(err.value)
+    assert "data.num_sample" in msg and "num_samples" in msg and "samples_per_shard" in msg
+
+
+def test_bad_literal_names_allowed_values() -> None:
+    with pytest.raises(RecipeError) as err:
+        load_recipe("tiny", ["data.task_runner=ray"])
+    assert "data.task_runner" in str(err.value) and "'threads'" in str(err.value)
+    assert "'dask'" in str(err.value)
+
+
+def test_bad_value_and_bad_override_and_unknown_recipe() -> None:
+    with pytest.raises(RecipeError, match="data.num_samples"):
+        load_recipe("tiny", ["data.num_samples=0"])
+    with pytest.raises(RecipeError, match="section.key=value"):
+        load_recipe("tiny", ["data.num_samples"])
+    with pytest.raises(RecipeError, match="known recipes: .*tiny"):
+        load_recipe("nope")
+    with pytest.raises(RecipeError, match="aspect ratio"):
+        load_recipe("tiny", ["buckets.aspect_ratios=[wide]"])
+
+
+def test_paper_buckets() -> None:
+    buckets = buckets_for(load_recipe("lens-3.8b").buckets)
+    names = {b.name for b in buckets}
+    assert len(buckets) == 27
+    assert {"736x1472", "1472x736", "1024x1024", "512x512", "768x768"} <= names
+    assert all(0.5 <= b.aspect <= 2.0 and b.width % 32 == 0 and b.height % 32 == 0
+               for b in buckets)
+    assert next(b for b in buckets if b.name == "1024x1024").tokens(16) == 4096
+    assert all(b.tokens(16) == (b.width // 16) * (b.height // 16) for b in buckets)
+
+
+def test_tiny_buckets_are_small_and_cover_the_nine_ratios() -> None:
+    buckets = buckets_for(load_recipe("tiny").buckets)
+    assert {b.base for b in buckets} == {32, 48, 64}
+    # at 8 px steps two ratios may snap to one size; each base keeps at least 7 distinct ones
+    assert all(sum(b.base == base for b in buckets) >= 7 for base in (32, 48, 64))
+    assert max(b.width * b.height for b in buckets) <= 1.25 * 64 * 64
+    assert {b.name for b in buckets} >= {"24x48", "48x24", "32x32", "64x64", "48x96", "96x48"}
+
+
+def test_assignment_policy_and_fit() -> None:
+    buckets = make_buckets([512, 768, 1024], ASPECT_RATIOS_1_2_TO_2_1, 32)
+    assert assign_bucket(2000, 1000, buckets).name == "1472x736"  # 2:1, big enough for 1024^2
+    assert assign_bucket(800, 400, buckets).name == "704x352"  # 2:1 below 768^2 -> 512 base
+    assert assign_bucket(100, 100, buckets).name == "512x512"  # too small: smallest base
+    assert assign_bucket(1000, 1000, buckets).name == "768x768"  # never upscale to 1024
+    out = fit_to_bucket(Image.new("RGB", (1000, 700)), assign_bucket(1000, 700, buckets))
+    assert out.size == (960, 640)  # 1000:700 is nearest 3:2; at 768^2 that is 960x640
+    with pytest.raises(ValueError, match="0x10"):
+        assign_bucket(0, 10, buckets)
+
+
+def test_defaults_yield_to_user_values(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("LENS_HOME", str(tmp_path / "h"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://u@db/mlflow")
+    monkeypatch.delenv("PREFECT_HOME", raising=False)
+    defaults.apply()
+    assert os.environ["MLFLOW_TRACKING_URI"] == "postgresql://u@db/mlflow"
+    assert os.environ["PREFECT_HOME"] == str(tmp_path / "h" / "prefect")
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert defaults.mlflow_uri() == f"sqlite:///{tmp_path / 'h' / 'mlflow.db'}"
