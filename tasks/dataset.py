@@ -121,14 +121,17 @@ def _detail(row: pd.Series, reasons: list[str], by_reason: dict[str, rules_mod.R
     return "; ".join(parts)
 
 
-def _quarantine_rows(df: pd.DataFrame, reasons: pd.Series, shard: Path, stage: str,
+def _quarantine_rows(df: pd.DataFrame, reasons: list[list[str]], shard: Path, stage: str,
                      rules: list[rules_mod.Rule]) -> list[dict[str, Any]]:
+    """Quarantine rows for ``df``'s rows (``reasons`` in the same order), bytes from the shard."""
+    if df.empty:
+        return []
     by_reason = {r.reason: r for r in rules}
     originals = _member_bytes(shard, list(df["key"]))
-    return [{"key": row["key"], "source": row["source"], "reasons": list(reasons[i]),
-             "detail": _detail(row, list(reasons[i]), by_reason), "stage": stage,
+    return [{"key": row["key"], "source": row["source"], "reasons": why,
+             "detail": _detail(row, why, by_reason), "stage": stage,
              "image_bytes": originals[row["key"]][0], "caption_bytes": originals[row["key"]][1]}
-            for i, row in df.iterrows()]
+            for (_, row), why in zip(df.iterrows(), reasons, strict=True)]
 
 
 def _part(out: Path, index: int, suffix: str) -> Path:
@@ -143,11 +146,11 @@ def validate_shard(recipe: Recipe, prepared: dict[str, Any], out: Path) -> dict[
     rules = rules_mod.rules(c)
     row_rules = [r for r in rules if r.row_level]
     gx_result = gx_contract.validate(df, rules) if len(df) else {"success": True, "results": []}
-    reasons = rules_mod.row_reasons(df, c) if len(df) else pd.Series([], dtype=object)
-    ok = reasons.map(len) == 0
+    ok, reasons = rules_mod.row_reasons(df, c)
     valid = df[ok].drop(columns=["decode_error"])
     valid = valid.assign(shard=os.path.relpath(shard, out))
-    rejected = _quarantine_rows(df[~ok], reasons[~ok], shard, "validate", row_rules)
+    rejected = _quarantine_rows(df[~ok], [reasons[i] for i in sorted(reasons)], shard,
+                                "validate", row_rules)
     paths = {"valid": _part(out, index, ".valid.parquet"),
              "rejected": _part(out, index, ".rejected.parquet"),
              "gx": _part(out, index, ".gx.json")}
@@ -175,8 +178,8 @@ def merge(recipe: Recipe, prepared: list[dict[str, Any]], validated: list[dict[s
     dup_rows: list[dict[str, Any]] = []
     rule = next(r for r in rules_mod.rules(c) if r.reason == "duplicate_sha256")
     for shard_rel, group in manifest[dup].groupby("shard", sort=True):
-        reasons = pd.Series([["duplicate_sha256"]] * len(group), index=group.index)
-        dup_rows += _quarantine_rows(group, reasons, out / shard_rel, "merge", [rule])
+        dup_rows += _quarantine_rows(group, [["duplicate_sha256"]] * len(group),
+                                     out / shard_rel, "merge", [rule])
     removed = manifest[dup]
     manifest = manifest[~dup]
     quarantine = pa.concat_tables([

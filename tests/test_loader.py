@@ -8,6 +8,7 @@ from itertools import islice
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -152,6 +153,11 @@ def test_bad_manifest_rows_are_named(tmp_path: Path) -> None:
         PackedLoader(tmp_path, BUCKETS[:3], TOKEN_PX, BUDGET, seed=0)
     with pytest.raises(FileNotFoundError, match="no manifest.parquet"):
         PackedLoader(tmp_path / "missing", BUCKETS, TOKEN_PX, BUDGET, seed=0)
+
+    rows = pq.read_table(tmp_path / MANIFEST).to_pylist()
+    write_table(tmp_path / MANIFEST, rows + [{**rows[0], "key": "ghost"}], MANIFEST_SCHEMA)
+    with pytest.raises(ValueError, match="'ghost': shard shard-000000.tar has no image member"):
+        list(islice(make_loader(tmp_path), 20))
 
 
 def test_loader_throughput_reports(dataset) -> None:

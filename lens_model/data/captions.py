@@ -36,6 +36,7 @@ from lens_model.data.world import (
 
 SIZE_WORDS = {"small": ("small", "small", "little"), "medium": ("medium-sized", "mid-sized",
               "medium"), "large": ("large", "large", "big")}
+SIZE_NOUNS = {"small": "small", "medium": "medium", "large": "large"}  # "small in scale"
 NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four"}
 REL_WORDS = {
     "left of": ("left of", "to the left of", "on the left of"),
@@ -45,7 +46,7 @@ REL_WORDS = {
 }
 INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 SHAPE_DETAILS = {
-    "circle": ("perfectly round", "with a smooth round edge"),
+    "circle": ("with a smooth round edge", "with an even outline"),
     "square": ("with four equal sides", "with straight, even sides"),
     "triangle": ("pointing upward", "with its tip at the top"),
     "diamond": ("standing on one point", "turned on its corner"),
@@ -103,12 +104,12 @@ def position_phrase(o: Obj, rng: random.Random) -> str:
         return rng.choice(("in the centre", "at the centre of the frame", "right in the middle",
                            "in the middle of the image"))
     if row == "middle":
-        return rng.choice((f"on the {col} side", f"at the {col}, halfway down",
+        return rng.choice((f"on the {col} side", f"halfway down the {col} side",
                            f"in the middle of the {col} side", f"toward the {col} edge",
-                           f"on the {col}, vertically centred"))
+                           f"at the middle {col}"))
     vert = {"top": ("upper", "top"), "bottom": ("lower", "bottom")}[row]
     if col == "centre":
-        return rng.choice((f"at the {row} centre", f"near the {row} edge, horizontally centred",
+        return rng.choice((f"at the {row} centre", f"near the {row} edge in the middle",
                            f"in the {vert[0]} middle", f"centred along the {row}"))
     v = rng.choice(vert)
     return rng.choice((f"in the {v} {col}", f"in the {v}-{col} corner", f"near the {v} {col}",
@@ -187,7 +188,7 @@ def background_sentence(scene: Scene, rng: random.Random) -> str:
     way = "horizontal" if scene.pattern == "horizontal stripes" else "vertical"
     return rng.choice((
         f"The background is {bg} with broad {way} stripes in a slightly darker shade.",
-        f"Behind everything, pale and darker {bg} bands alternate in {way} stripes.",
+        f"Behind everything, {bg} bands alternate with darker ones in {way} stripes.",
         f"A {bg} backdrop with even {way} stripes runs across the whole frame.",
     ))
 
@@ -249,7 +250,15 @@ def composition_sentences(scene: Scene, width: int, height: int, rng: random.Ran
     return out
 
 
-def object_sentence(o: Obj, rng: random.Random, first: bool) -> str:
+def _pick(rng: random.Random, frames: list[str], used: set[int]) -> str:
+    """A frame not yet used in this caption (by index), so sentences do not repeat."""
+    fresh = [i for i in range(len(frames)) if i not in used] or list(range(len(frames)))
+    i = rng.choice(fresh)
+    used.add(i)
+    return frames[i]
+
+
+def object_sentence(o: Obj, rng: random.Random, first: bool, used: set[int]) -> str:
     """One sentence giving ``o``'s size, colour, shape and place."""
     pos = position_phrase(o, rng)
     desc = describe(o, rng)
@@ -260,20 +269,24 @@ def object_sentence(o: Obj, rng: random.Random, first: bool) -> str:
         f"{_cap(pos)} {rng.choice(('is', 'sits', 'lies'))} {desc}.",
         f"The {o.color} {o.shape} is {rng.choice(SIZE_WORDS[o.size])} and {verb} {pos}.",
         f"There is {desc} {pos}.",
-        f"{_cap(_a(o.color + ' ' + o.shape))}, {rng.choice(SIZE_WORDS[o.size])} in scale, "
+        f"{_cap(_a(o.color + ' ' + o.shape))}, {SIZE_NOUNS[o.size]} in scale, "
         f"{verb} {pos}.",
     ]
     if not first:
         frames.append(f"Another shape, {desc}, {verb} {pos}.")
-    return rng.choice(frames)
+    return _pick(rng, frames, used)
 
 
 def list_sentence(objs: list[Obj], rng: random.Random) -> str:
-    """All objects in one sentence, in the given order, each with its place."""
+    """All objects in one sentence, each with its place; left to right where that is strict."""
+    objs = sorted(objs, key=lambda o: o.x)
     parts = [f"{describe(o, rng, detail=False)} {position_phrase(o, rng)}" for o in objs]
-    if rng.random() < 0.5:
+    in_row = all("left of" in relation(a, b) for a, b in zip(objs, objs[1:], strict=False))
+    if not in_row or rng.random() < 0.4:
         return rng.choice(("The scene contains ", "It shows ", "The shapes are ")) + \
             _join(parts) + "."
+    if len(parts) == 2:
+        return f"Reading from left to right, there is {parts[0]} and then {parts[1]}."
     return "Reading from left to right, there is " + \
         ", then ".join(parts[:-1]) + ", and finally " + parts[-1] + "."
 
@@ -282,7 +295,8 @@ def relation_sentences(scene: Scene, names: _Namer, rng: random.Random) -> list[
     """True relations along a random chain through the objects (n-1 pairs)."""
     objs = list(scene.objects)
     rng.shuffle(objs)
-    out = []
+    out: list[str] = []
+    used: set[int] = set()
     for a, b in zip(objs, objs[1:], strict=False):
         rels = relation(a, b)  # never empty: objects are apart along x or y
         rel = rng.choice(rels)
@@ -294,13 +308,13 @@ def relation_sentences(scene: Scene, names: _Namer, rng: random.Random) -> list[
             phrase = rng.choice(REL_WORDS[rel])
         ra, rb = names.ref(a), names.ref(b)
         inv = rng.choice(REL_WORDS[INVERSE[rel]])
-        out.append(rng.choice((
+        out.append(_pick(rng, [
             f"{_cap(ra)} is {phrase} {rb}.",
             f"{_cap(ra)} {rng.choice(('sits', 'lies', 'appears'))} {phrase} {rb}.",
             f"Seen together, {ra} is {phrase} {rb}.",
             f"{_cap(rb)} is {inv} {ra}.",
             f"In relation to each other, {rb} lies {inv} {ra}.",
-        )))
+        ], used))
     return out
 
 
@@ -331,7 +345,9 @@ def optional_sentences(scene: Scene, names: _Namer, rng: random.Random) -> list[
         counts[o.shape] = counts.get(o.shape, 0) + 1
     kinds = [f"{NUMBERS[c]} {PLURALS[s] if c > 1 else s}" for s, c in counts.items()]
     if len(kinds) == 1:
-        out.append(f"In total there are {NUMBERS[n]} objects, all of them {PLURALS[objs[0].shape]}.")
+        plural = PLURALS[objs[0].shape]
+        every = "both" if n == 2 else "all"
+        out.append(f"In total there are {NUMBERS[n]} objects, {every} of them {plural}.")
     else:
         out.append(f"In total there are {NUMBERS[n]} objects: {_join(kinds)}.")
     if len(colors) == 1:
@@ -341,7 +357,8 @@ def optional_sentences(scene: Scene, names: _Namer, rng: random.Random) -> list[
                                f"The palette of the shapes is {_join(colors)}.")))
     sizes = [o.size for o in objs]
     if len(set(sizes)) == 1:
-        out.append(f"All {NUMBERS[n]} shapes are the same {SIZE_WORDS[sizes[0]][0]} size.")
+        every = "Both" if n == 2 else f"All {NUMBERS[n]}"
+        out.append(f"{every} shapes are the same size: {SIZE_NOUNS[sizes[0]]}.")
     else:
         big = max(objs, key=lambda o: SIZE_ORDER.index(o.size))
         small = min(objs, key=lambda o: SIZE_ORDER.index(o.size))
@@ -376,7 +393,7 @@ def opening(scene: Scene, width: int, height: int, rng: random.Random) -> tuple[
         (f"{_cap(what)} {verb} on {_a(bg)}.", True, False),
         (f"On {_a(bg)}, {what} {verb}.", True, False),
         (f"Against {_a(bg)}, {what} {verb}.", True, False),
-        (f"The image is {_a(fmt)} containing {what}.", False, True),
+        (f"The image, {_a(fmt)}, contains {what}.", False, True),
         (f"Here, {what} {verb} within {_a(fmt)}.", False, True),
         (f"Shown in {_a(fmt)}, {what} {verb} on {_a(bg)}.", True, True),
         (f"{_cap(_a(fmt))} holds {what} and nothing else.", False, True),
@@ -398,9 +415,10 @@ def long_caption(scene: Scene, width: int, height: int, rng: random.Random) -> s
     else:
         rng.shuffle(objs)
     if len(objs) > 1 and rng.random() < 0.1 + 0.15 * len(objs):
-        body = [list_sentence(sorted(objs, key=lambda o: o.x), rng)]
+        body = [list_sentence(objs, rng)]
     else:
-        body = [object_sentence(o, rng, first=i == 0) for i, o in enumerate(objs)]
+        used: set[int] = set()
+        body = [object_sentence(o, rng, i == 0, used) for i, o in enumerate(objs)]
     body += relation_sentences(scene, names, rng) if len(objs) > 1 else []
     setting = composition_sentences(scene, width, height, rng, with_aspect=not said_fmt)
     if not said_bg or rng.random() < 0.3:

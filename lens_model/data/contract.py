@@ -60,38 +60,39 @@ def rules(c: ContractSection) -> list[Rule]:
     ]
 
 
-def row_reasons(df: pd.DataFrame, c: ContractSection) -> pd.Series:
-    """Per row, the list of broken row rules (empty list: the row is valid).
+def row_reasons(df: pd.DataFrame, c: ContractSection) -> tuple[np.ndarray, dict[int, list[str]]]:
+    """Which rows pass the row rules, and for each failing row (by position) its reasons.
 
     An undecodable row carries only its decode error (its other columns are empty), and a row
     without a caption only ``empty_caption``, so each reject names its real cause.
     """
-    undecodable = ~df["decodable"].fillna(False).astype(bool)
-    no_caption = df["caption"].isna()
+    undecodable = ~df["decodable"].fillna(False).astype(bool).to_numpy()
+    no_caption = df["caption"].isna().to_numpy()
     found: dict[str, np.ndarray] = {}
     for rule in rules(c):
-        if not rule.row_level or rule.kind in ("is_true",):
+        if not rule.row_level or rule.kind == "is_true":
             continue
         col = df[rule.column]
         if rule.kind == "not_null":
-            bad = col.isna()
+            bad = col.isna().to_numpy()
         elif rule.kind == "unique":
-            bad = col.notna() & col.duplicated(keep="first")
+            bad = (col.notna() & col.duplicated(keep="first")).to_numpy()
         else:  # between; a null value is judged by its own not-null rule
             lo = -np.inf if rule.min is None else rule.min
             hi = np.inf if rule.max is None else rule.max
-            bad = col.notna() & ~col.between(lo, hi)
-        if rule.column in ("word_count",):
-            bad &= ~no_caption
-        found[rule.reason] = (bad & ~undecodable).to_numpy()
-    decode_errors = df.get("decode_error", pd.Series([None] * len(df), index=df.index))
-    out = []
-    for i in range(len(df)):
-        if undecodable.iat[i]:
-            out.append([decode_errors.iat[i] or "undecodable_image"])
+            bad = (col.notna() & ~col.between(lo, hi)).to_numpy()
+        if rule.column == "word_count":
+            bad = bad & ~no_caption
+        found[rule.reason] = bad & ~undecodable
+    failing = undecodable | np.logical_or.reduce(list(found.values()))
+    decode_errors = df["decode_error"] if "decode_error" in df else pd.Series([None] * len(df))
+    reasons: dict[int, list[str]] = {}
+    for i in np.flatnonzero(failing):
+        if undecodable[i]:
+            reasons[int(i)] = [decode_errors.iat[i] or "undecodable_image"]
         else:
-            out.append([reason for reason, mask in found.items() if mask[i]])
-    return pd.Series(out, index=df.index, dtype=object)
+            reasons[int(i)] = [reason for reason, mask in found.items() if mask[i]]
+    return ~failing, reasons
 
 
 @dataclass

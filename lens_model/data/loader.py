@@ -97,17 +97,20 @@ class _BatchDecoder(Dataset):
         return Batch([self.keys[r] for r in rows], [self.captions[r] for r in rows], images,
                      grids, [self.buckets[r].name for r in rows], epoch, index)
 
-    def _shard(self, shard: str) -> tuple[Any, dict]:
+    def _shard(self, shard: str, key: str) -> tuple[Any, dict]:
         if os.getpid() != self._pid:  # a forked worker: its inherited handles are not its own
             self._open, self._pid = {}, os.getpid()
         if shard not in self._open:
             path = self.root / shard
+            if not path.is_file():
+                raise FileNotFoundError(f"sample {key!r}: its shard {path} is missing; rebuild "
+                                        f"or pull the dataset so shards match the manifest")
             self._open[shard] = (open(path, "rb", buffering=0), index_shard(path))
         return self._open[shard]
 
     def _pixels(self, row: int) -> np.ndarray:
         key, shard, bucket = self.keys[row], self.shards[row], self.buckets[row]
-        fh, index = self._shard(shard)
+        fh, index = self._shard(shard, key)
         members = index.get(key, {})
         ext = next((e for e in IMAGE_MEMBERS if e in members), None)
         if ext is None:
@@ -233,6 +236,8 @@ def _read_manifest(root: Path) -> tuple[list[str], list[str], list[str], list[st
                                 f"manifest) before loading it")
     columns = ["key", "shard", "caption", "bucket"]
     table = pq.read_table(path, columns=columns)
+    if table.num_rows == 0:
+        raise ValueError(f"{path} has no rows; build the dataset with at least one valid sample")
     out = [table.column(c).to_pylist() for c in columns]
     for c, values in zip(columns, out, strict=True):
         if any(v is None for v in values):

@@ -230,9 +230,9 @@ def place(rng: random.Random, sizes: list[str], tries: int = 40,
     """Centres for objects of ``sizes`` that keep apart and inside; None if none found.
 
     Objects go in one or two columns (or rows) along a random axis, at most two per column:
-    columns are separated along the axis, objects sharing a column across it. With the three
-    sizes this reaches every layout of up to four objects. ``accept(objs)`` may add a
-    constraint on the finished layout (e.g. a relation).
+    columns are separated along the axis, objects sharing a column across it (three objects
+    never fit in one line at these sizes). ``accept(objs)`` may add a constraint on the
+    finished layout (e.g. a relation).
     """
     n = len(sizes)
     sides = [SIZES[s] for s in sizes]
@@ -343,8 +343,10 @@ def _star(x0: int, y0: int, side: int) -> list[tuple[float, float]]:
     for k in range(10):
         rad = r if k % 2 == 0 else inner
         ang = math.radians(-90 + 36 * k)
-        pts.append((cx + rad * math.cos(ang) * (side - 1) / side,
-                    cy + rad * math.sin(ang) * (side - 1) / side))
+        px = cx + rad * math.cos(ang) * (side - 1) / side
+        py = cy + rad * math.sin(ang) * (side - 1) / side
+        # Clamp float error (a tip at x0 - 1e-15 rasterises one pixel outside the box).
+        pts.append((min(max(px, x0), x0 + side - 1), min(max(py, y0), y0 + side - 1)))
     return pts
 
 
