@@ -35,8 +35,8 @@ from lens_model.data import contract as rules_mod  # noqa: E402
 from lens_model.recipe import load_recipe  # noqa: E402
 
 
-def synthetic_manifest(rows: int, seed: int = 0) -> pd.DataFrame:
-    """Candidate rows shaped like a Lens-800M manifest, with ~1% breaking some rule."""
+def synthetic_manifest(rows: int, seed: int = 0, clean: bool = False) -> pd.DataFrame:
+    """Candidate rows shaped like a Lens-800M manifest; ~1% break some rule unless ``clean``."""
     rng = np.random.default_rng(seed)
     buckets = buckets_for(load_recipe("lens-3.8b").buckets)
     pick = rng.integers(0, len(buckets), rows)
@@ -49,7 +49,7 @@ def synthetic_manifest(rows: int, seed: int = 0) -> pd.DataFrame:
             .astype(int)]  # realistic lengths, so GX hashes as much text as a real manifest
     caption = np.array(pool, dtype=object)[rng.integers(0, len(pool), rows)]
     caption[rng.random(rows) < 0.002] = None
-    return pd.DataFrame({
+    df = pd.DataFrame({
         "key": [f"k{i:09d}" for i in range(rows)],
         "shard": "shard-000000.tar", "caption": caption, "word_count": words,
         "token_count": (words * 1.3).astype(np.int32), "width": width, "height": height,
@@ -62,6 +62,13 @@ def synthetic_manifest(rows: int, seed: int = 0) -> pd.DataFrame:
         "luminance": rng.beta(5, 5, rows).astype(np.float32), "meta": None,
         "decode_error": None,
     })
+    if clean:  # every row passes: nothing to read back from shards into quarantine
+        c = load_recipe("lens-3.8b").data.contract
+        df = df.assign(caption=df["caption"].fillna("a caption"), decodable=True,
+                       word_count=df["word_count"].clip(c.caption_words_min, c.caption_words_max),
+                       blur=df["blur"].clip(c.blur_min), entropy=df["entropy"].clip(c.entropy_min),
+                       luminance=df["luminance"].clip(c.luminance_min, c.luminance_max))
+    return df
 
 
 def bench_contract(rows: int) -> dict[str, Any]:
@@ -86,16 +93,123 @@ def bench_contract(rows: int) -> dict[str, Any]:
             "gx_success": result["success"]}
 
 
+def bench_mapped_validation(shards: int, rows_per_shard: int, work: Path) -> dict[str, Any]:
+    """Per-shard validation mapped as Prefect tasks on a Dask cluster of 1, then 2, workers."""
+    import pyarrow as pa
+    from prefect import flow, unmapped
+    from prefect_dask import DaskTaskRunner
+
+    from lens_model.data import shards as shard_io
+    from tasks import data as t
+
+    recipe = load_recipe("lens-3.8b")
+    tree = recipe.model_dump(mode="json")
+    prepared = []
+    for i in range(shards):
+        path = work / "candidates" / f"shard-{i:06d}.parquet"
+        df = synthetic_manifest(rows_per_shard, seed=i, clean=True)
+        df["sha256"] = [f"{i:08x}{j:056x}" for j in range(rows_per_shard)]
+        shard_io.write_arrow(path, pa.Table.from_pandas(df, shard_io.CANDIDATE_SCHEMA,
+                                                        preserve_index=False))
+        prepared.append({"index": i, "inputs": rows_per_shard, "candidates": str(path),
+                         "shard": str(work / shard_io.shard_name(i))})
+
+    @flow(name="bench-mapped-validation")
+    def mapped(out: str) -> float:
+        t0 = time.perf_counter()
+        futures = t.validate.with_options(refresh_cache=True).map(
+            unmapped(tree), prepared, unmapped(out))
+        futures.result()
+        return time.perf_counter() - t0
+
+    out: dict[str, Any] = {"shards": shards, "rows": shards * rows_per_shard}
+    for workers in (1, 2):
+        runner = DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1,
+                                                "processes": True, "dashboard_address": None})
+        mapped.with_options(task_runner=runner)(str(work / f"out{workers}-warm"))  # imports
+        seconds = mapped.with_options(task_runner=runner)(str(work / f"out{workers}"))
+        out[f"workers_{workers}"] = {"seconds": round(seconds, 3),
+                                     "rows_per_s": round(shards * rows_per_shard / seconds)}
+    return out
+
+
+def bench_packing() -> dict[str, Any]:
+    from lens_model.packing import PHOTO_ASPECT_WEIGHTS, mixed_bucket_tokens, packing_report
+
+    recipe = load_recipe("lens-3.8b")
+    buckets = buckets_for(recipe.buckets)
+    out = {}
+    for mix, weights in (("uniform", None), ("photo_aspects", PHOTO_ASPECT_WEIGHTS)):
+        reports = [packing_report(mixed_bucket_tokens(buckets, recipe.buckets.token_px,
+                                                      recipe.loader.shuffle_buffer, seed, weights),
+                                  recipe.loader.token_budget) for seed in range(5)]
+        out[mix] = {"pool": recipe.loader.shuffle_buffer, "budget": recipe.loader.token_budget,
+                    "packed_padding_max": max(r["packed_padding"] for r in reports),
+                    "packed_padding_mean": float(np.mean([r["packed_padding"] for r in reports])),
+                    "pad_to_max_padding_mean":
+                        float(np.mean([r["pad_to_max_padding"] for r in reports])),
+                    "pad_to_max_batch_size": reports[0]["pad_to_max_batch_size"],
+                    "target_max_padding": 0.02}
+    return out
+
+
+def bench_render(n: int = 3000) -> dict[str, Any]:
+    """Shapes-world items (scene, render, PNG, caption) on one pinned core at 64x64."""
+    from lens_model.buckets import Bucket
+    from lens_model.data import shapes, world
+
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(before)})
+    try:
+        rng = __import__("random").Random(0)
+        scenes = [world.sample_scene(rng) for _ in range(n)]
+        t0 = time.perf_counter()
+        for scene in scenes:
+            world.render(scene, 64, 64)
+        render_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        sum(1 for _ in shapes.make_items(0, 0, n, [Bucket(64, 64, 64)], 1, 4))
+        items_s = time.perf_counter() - t0
+    finally:
+        os.sched_setaffinity(0, before)
+    return {"size": "64x64", "cores": 1, "render_images_per_s": round(n / render_s),
+            "full_items_per_s": round(n / items_s), "target_images_per_s": 300}
+
+
+def bench_loader(work: Path, samples: int = 4096) -> dict[str, Any]:
+    """Build a tiny shapes dataset, then read packed batches from its shards with 2 workers."""
+    from lens_model.data.loader import loader_throughput
+    from tasks import dataset
+
+    recipe = load_recipe("tiny", [f"data.num_samples={samples}", "data.samples_per_shard=512"])
+    t0 = time.perf_counter()
+    dataset.prepare_all(recipe, work / "raw")
+    merged = dataset.validate_all(recipe, work / "raw", work / "dataset")
+    build_s = time.perf_counter() - t0
+    result = loader_throughput(work / "dataset", buckets_for(recipe.buckets),
+                               recipe.buckets.token_px, recipe.loader.token_budget,
+                               num_workers=2, batches=200)
+    return {"dataset_build": {"samples": samples, "valid": merged["valid"],
+                              "seconds": round(build_s, 2),
+                              "samples_per_s": round(samples / build_s)}, "loader": result}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--out", default="bench/results/data_bench.json")
     args = ap.parse_args()
-    results = {"machine": {"cpus": os.cpu_count()}, "contract": bench_contract(args.rows)}
+    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}}
+    with tempfile.TemporaryDirectory(prefix="lens-bench-") as tmp:
+        work = Path(tmp)
+        results["render"] = bench_render()
+        results["packing"] = bench_packing()
+        results["contract_1m"] = bench_contract(args.rows)
+        results["mapped_validation"] = bench_mapped_validation(8, args.rows // 8, work / "map")
+        results["loader"] = bench_loader(work / "loader")
     print(json.dumps(results, indent=2))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    tempfile.gettempdir()
 
 
 if __name__ == "__main__":

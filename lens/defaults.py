@@ -32,7 +32,8 @@ def lens_home() -> Path:
 
 
 def mlflow_uri(home: Path | None = None) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(home or lens_home()) / 'mlflow.db'}"
+    default = f"sqlite:///{(home or lens_home()) / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or default
 
 
 def mlflow_artifact_root(home: Path | None = None) -> Path:

@@ -16,7 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-CONFIG_DIR = Path(os.environ.get("LENS_CONFIG_DIR", Path(__file__).resolve().parents[1] / "configs"))
+CONFIG_DIR = Path(os.environ.get("LENS_CONFIG_DIR")
+                  or Path(__file__).resolve().parents[1] / "configs")
 ASPECT_RATIOS_1_2_TO_2_1 = ["1:2", "9:16", "2:3", "3:4", "1:1", "4:3", "3:2", "16:9", "2:1"]
 
 
@@ -49,8 +50,10 @@ class ContractSection(Section):
 
     @model_validator(mode="after")
     def _ordered(self) -> ContractSection:
-        for lo, hi in [("aspect_min", "aspect_max"), ("caption_words_min", "caption_words_max"),
-                       ("caption_mean_min", "caption_mean_max"), ("luminance_min", "luminance_max")]:
+        for lo, hi in [("aspect_min", "aspect_max"),
+                       ("caption_words_min", "caption_words_max"),
+                       ("caption_mean_min", "caption_mean_max"),
+                       ("luminance_min", "luminance_max")]:
             if getattr(self, lo) > getattr(self, hi):
                 raise ValueError(f"{lo} must be <= {hi}")
         return self
@@ -167,7 +170,8 @@ def _explain(err: ValidationError, source: str) -> RecipeError:
 def apply_override(tree: dict[str, Any], assignment: str) -> None:
     """Apply one ``section.key=value`` override in place; the value is parsed as YAML."""
     if "=" not in assignment:
-        raise RecipeError(f"--set {assignment!r}: expected section.key=value, e.g. data.num_samples=64")
+        raise RecipeError(f"--set {assignment!r}: expected section.key=value, "
+                          "e.g. data.num_samples=64")
     path, raw = assignment.split("=", 1)
     keys = path.strip().split(".")
     node = tree

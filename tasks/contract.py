@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Any
 
@@ -9,16 +10,15 @@ import pandas as pd
 
 from lens_model.data.contract import Rule
 
-_LOCAL = threading.local()  # one GX context per thread: its stores are not thread-safe
+# GX keeps its current context in a process-wide global, so contexts per thread collide
+# ("suite has changed since it was last saved"): one context, used under one lock. Shards
+# validate in parallel across processes (the Dask task runner), not threads.
+_LOCK = threading.RLock()
+_VALIDATIONS: dict[tuple[Rule, ...], Any] = {}
 
 
+@functools.cache
 def _context() -> Any:
-    if not hasattr(_LOCAL, "ctx"):
-        _LOCAL.ctx, _LOCAL.validations = _new_context(), {}
-    return _LOCAL.ctx
-
-
-def _new_context() -> Any:
     import great_expectations as gx  # ~2 s import: only when a contract is checked
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
@@ -48,12 +48,12 @@ def expectation(rule: Rule) -> Any:
 
 
 def _validation(rules: tuple[Rule, ...]) -> Any:
-    """One validation definition per distinct rule set and thread, reused across shards."""
+    """One validation definition per distinct rule set, reused across shards."""
     import great_expectations as gx
 
     ctx = _context()
-    if rules in _LOCAL.validations:
-        return _LOCAL.validations[rules]
+    if rules in _VALIDATIONS:
+        return _VALIDATIONS[rules]
     name = f"lens-contract-{abs(hash(rules)):x}"
     source = ctx.data_sources.add_pandas(name)
     batch = source.add_dataframe_asset("manifest").add_batch_definition_whole_dataframe("all")
@@ -62,8 +62,8 @@ def _validation(rules: tuple[Rule, ...]) -> Any:
         suite.add_expectation(expectation(rule))
     suite = ctx.suites.add(suite)
     definition = gx.ValidationDefinition(name=name, data=batch, suite=suite)
-    _LOCAL.validations[rules] = ctx.validation_definitions.add(definition)
-    return _LOCAL.validations[rules]
+    _VALIDATIONS[rules] = ctx.validation_definitions.add(definition)
+    return _VALIDATIONS[rules]
 
 
 def _columns(df: pd.DataFrame, rules: list[Rule]) -> pd.DataFrame:
@@ -82,12 +82,20 @@ def _columns(df: pd.DataFrame, rules: list[Rule]) -> pd.DataFrame:
 def validate(df: pd.DataFrame, rules: list[Rule]) -> dict[str, Any]:
     """Run the suite of ``rules`` over ``df``; returns GX's result as a JSON-able dict."""
     df = _columns(df, rules)
-    definition = _validation(tuple(rules))
-    result = definition.run(batch_parameters={"dataframe": df}, result_format="SUMMARY")
-    out = result.to_json_dict()
-    for res, rule in zip(out["results"], rules, strict=True):
-        res["lens_reason"] = rule.reason
-    return out
+    with _LOCK:
+        result = _validation(tuple(rules)).run(batch_parameters={"dataframe": df},
+                                               result_format="SUMMARY")
+    raw = result.to_json_dict()
+    # Keep what the data decides; GX's run ids, times and batch ids would make every build's
+    # report, and so the dataset's DVC hash, differ for the same data.
+    results = []
+    for res, rule in zip(raw["results"], rules, strict=True):
+        cfg = res["expectation_config"]
+        kwargs = {k: v for k, v in cfg["kwargs"].items() if k != "batch_id"}
+        results.append({"lens_reason": rule.reason, "success": res["success"],
+                        "expectation_config": {"type": cfg["type"], "kwargs": kwargs},
+                        "result": res.get("result", {})})
+    return {"success": raw["success"], "statistics": raw["statistics"], "results": results}
 
 
 def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -56,7 +56,7 @@ def _items(recipe: Recipe, chunk: dict[str, Any], index: int) -> Iterator[RawIte
         d = recipe.data
         return shapes.make_items(recipe.seed, chunk["start"], chunk["stop"],
                                  buckets_for(recipe.buckets), d.min_objects, d.max_objects)
-    return ingest.read_chunk(chunk, key_prefix=f"s{index:06d}")
+    return ingest.read_chunk(chunk, key_prefix="in")  # keys hash the source: stable anyway
 
 
 def _paths(raw: Path, index: int) -> dict[str, Path]:
@@ -200,8 +200,10 @@ def merge(recipe: Recipe, prepared: list[dict[str, Any]], validated: list[dict[s
     reasons = Counter(r for rs in quarantine.column("reasons").to_pylist() for r in rs)
     gx_results = [json.loads(Path(v["gx"]).read_text()) for v in validated]
     notes = sorted({p["tokenizer_note"] for p in prepared if p.get("tokenizer_note")})
+    # No recipe hash here: it covers execution settings (task runner, workers) too, and the
+    # dataset's bytes, hence its DVC hash, must not depend on how many workers built it.
     report = {
-        "recipe": recipe.name, "recipe_hash": recipe.hash(), "passed": verdict["passed"],
+        "recipe": recipe.name, "passed": verdict["passed"],
         "why": verdict["why"], "inputs": inputs, "valid": len(manifest),
         "quarantined": quarantine.num_rows, "reasons": dict(sorted(reasons.items())),
         "merged_checks": verdict["checks"], "expectations": gx_contract.summarize(gx_results),
@@ -226,7 +228,7 @@ def markdown(report: dict[str, Any]) -> str:
     """A readable summary of the contract report."""
     verdict = "PASSED" if report["passed"] else "FAILED"
     lines = [f"# Data contract: {verdict}", "",
-             f"Recipe `{report['recipe']}` (hash `{report['recipe_hash']}`), "
+             f"Recipe `{report['recipe']}`, "
              f"{report['shards']} shard(s), tokenizer `{report['tokenizer']}`.", "",
              f"- inputs: {report['inputs']}", f"- valid: {report['valid']}",
              f"- quarantined: {report['quarantined']}",

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-
 from lens import defaults
 from lens_model.recipe import Recipe
 

@@ -10,11 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-import mlflow
 import pandas as pd
 import pytest
 import yaml
 
+import mlflow
 from lens import cli
 from lens_model.recipe import load_recipe
 from tasks import dvc_ops
@@ -44,7 +44,7 @@ def test_flow_versions_tracks_and_reuses_cache(prefect_server, dvc_repo: Path) -
     status = run([sys.executable, "-m", "dvc", "status"], dvc_repo).stdout
     assert "up to date" in status
     cloud = run([sys.executable, "-m", "dvc", "status", "--cloud"], dvc_repo).stdout
-    assert "up to date" in cloud
+    assert "in sync" in cloud
     assert Path(first["dvc_remote"]).is_dir() and any(Path(first["dvc_remote"]).rglob("*"))
 
     # MLflow: lineage tags, counts, reasons, GX report, the dataset with the DVC hash
@@ -140,4 +140,4 @@ def test_push_to_s3_remote(moto_s3, dvc_repo: Path, monkeypatch) -> None:
     assert version["remote"] == "s3://lens-data/dvc"
     keys = [o["Key"] for o in moto_s3.list_objects_v2(Bucket="lens-data")["Contents"]]
     assert any(version["dvc_hash"] in k.replace("/", "") for k in keys)
-    assert "up to date" in run([sys.executable, "-m", "dvc", "status", "--cloud"], dvc_repo).stdout
+    assert "in sync" in run([sys.executable, "-m", "dvc", "status", "--cloud"], dvc_repo).stdout

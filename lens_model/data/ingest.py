@@ -203,7 +203,7 @@ def _caption(txt: bytes | None, js: bytes | None,
 def _make_item(key: str, source: str, where: str, images: list[tuple[str, bytes | None]],
                txt: bytes | None, js: bytes | None, problems: list[Problem]) -> RawItem:
     """The RawItem of one grouped folder stem or tar key."""
-    problems = list(problems)
+    problems, where = list(problems), _display(where)
     if len(images) > 1:
         names = ", ".join(_display(name) for name, _ in images)
         problems.append(("ambiguous_stem", f"{where}: several images ({names}); keep one"))
@@ -368,13 +368,13 @@ def _tar_groups(path: str, offset: int, read: bool) -> Iterator[_TarGroup]:
             end = fh.tell()
         # The group in progress may be incomplete, so it goes with the tail.
         start = group.offset if group is not None else end
-        size = os.fstat(fh.fileno()).st_size
+        left = max(0, os.fstat(fh.fileno()).st_size - start)
         tail = None
         if read:
             fh.seek(start)
-            tail = fh.read(min(size - start, MAX_FILE_BYTES))
-        detail = (f"{_display(path)} breaks near byte {end} ({error}); "
-                  f"kept {size - start} bytes from byte {start}")
+            tail = fh.read(min(left, MAX_FILE_BYTES))
+        detail = (f"{_display(path)} breaks near byte {end} ({error}); the item holds the "
+                  f"{left} bytes from byte {start} on (at most {MAX_FILE_BYTES})")
         yield _TarGroup("", start, images=[("", tail)], broken=detail)
 
 
@@ -443,7 +443,7 @@ def _read_parquet(chunk: dict[str, Any], key_prefix: str) -> Iterator[RawItem]:
         table.schema.field(caption_col).type) else pa.binary()
     captions = table.column(caption_col).cast(caption_type).to_pylist()  # no UTF-8 check here
     for row, (image, caption) in enumerate(zip(images, captions, strict=True), start=start):
-        where = f"{path}#{row}"
+        where = _display(f"{path}#{row}")
         problems: list[Problem] = []
         if isinstance(image, dict):
             if image.get("bytes") is None and image.get("path"):

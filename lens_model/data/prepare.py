@@ -34,6 +34,8 @@ from lens_model.data.tokens import count_tokens
 
 PIL_MAX_PIXELS = 89_478_485  # PIL's default MAX_IMAGE_PIXELS
 KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # RGB in these keeps its bytes
+# Only these decoders run on user bytes: others (EPS runs Ghostscript, ...) widen the attack.
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 # Leading bytes of image formats: a file that has one but does not open is broken, not text.
 SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF8", b"BM", b"II*\0", b"MM\0*")
 WHITE = (255, 255, 255)
@@ -57,7 +59,7 @@ def _looks_like_image(data: bytes) -> bool:
 def to_rgb(img: Image.Image) -> Image.Image:
     """``img`` as 8-bit RGB: alpha composited on white, 16-bit scaled down."""
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        # 16-bit grey (PNG opens as I;16 or I): 65535 -> 255. "I" is read as 16-bit too.
+        # 16-bit grey (PNG opens as I;16 or I): 65535 -> 255. 32-bit "I" above 65535 clips.
         grey = np.clip(np.asarray(img, dtype=np.float64), 0, 65535) / 257.0  # (H, W)
         img = Image.fromarray(np.rint(grey).astype(np.uint8), "L")
     if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
@@ -78,7 +80,7 @@ def decode(data: bytes | None, max_pixels: int = PIL_MAX_PIXELS) -> Decoded:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))  # reads the header only
+            img = Image.open(io.BytesIO(data), formats=FORMATS)  # reads the header only
     except Image.DecompressionBombError:
         bad.error = "decompression_bomb"
         return bad
@@ -103,7 +105,7 @@ def decode(data: bytes | None, max_pixels: int = PIL_MAX_PIXELS) -> Decoded:
     except Exception as exc:
         bad.error = "truncated_image" if "truncat" in str(exc) else "undecodable_image"
         return bad
-    if img.mode == "RGB" and img.format in KEEP_FORMATS:
+    if rgb is img and img.format in KEEP_FORMATS:  # plain RGB, nothing to composite
         return Decoded(rgb, img.mode, KEEP_FORMATS[img.format], data)
     buf = io.BytesIO()
     rgb.save(buf, "PNG")
@@ -150,7 +152,8 @@ def prepare_shard(items: Iterable[RawItem], shard_path: Path, buckets: list[Buck
     for item in items:
         total += 1
         if item.problems:
-            quarantine.append(_quarantine_row(item, [code for code, _ in item.problems],
+            codes = list(dict.fromkeys(code for code, _ in item.problems))  # unique, in order
+            quarantine.append(_quarantine_row(item, codes,
                                               "; ".join(detail for _, detail in item.problems)))
             continue
         if item.key in seen:  # a second sample under one key would shadow the first in the tar

