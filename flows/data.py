@@ -7,10 +7,11 @@ dask``) to spread shards over a local cluster or a remote scheduler (``data.dask
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, unmapped
+from prefect import flow, tags, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from lens_model.recipe import DataSection, Recipe, load_recipe
@@ -35,6 +36,7 @@ def data_flow(recipe: str = "tiny", overrides: list[str] | None = None,
               repo: str | None = None) -> dict[str, Any]:
     rec: Recipe = load_recipe(recipe, overrides)
     tree = rec.model_dump(mode="json")
+    started = time.perf_counter()
     ws = t.workspace(tree, repo)
     chunks = t.plan(tree, ws["raw"], ws["out"])
     # A cache hit must not stand in for outputs someone deleted: then recompute.
@@ -43,22 +45,31 @@ def data_flow(recipe: str = "tiny", overrides: list[str] | None = None,
         unmapped(tree), chunks, range(len(chunks)), unmapped(ws["raw"]))
     validated = t.validate.with_options(refresh_cache=not validated_ok).map(
         unmapped(tree), prepared, unmapped(ws["out"]))
-    merged = t.merge(tree, prepared.result(), validated.result(), ws["out"])
+    prepared_refs, validated_refs = prepared.result(), validated.result()
+    timings = {"prepare_validate": time.perf_counter() - started}
+    merged = t.merge(tree, prepared_refs, validated_refs, ws["out"])
+    timings["merge"] = time.perf_counter() - started - timings["prepare_validate"]
     cached = sum(f.state.name == "Cached" for f in [*prepared, *validated])
     if not merged["passed"]:
         raise ContractFailed(f"recipe {rec.name}: the batch failed the data contract: "
                              f"{'; '.join(merged['why'])}. Report: {merged['summary']}")
+    mark = time.perf_counter()
     versioned = t.version(ws["root"])
-    run_id = t.track(tree, merged, versioned, ws["out"], ws["root"])
+    timings["version"] = time.perf_counter() - mark
+    print("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+    run_id = t.track(tree, merged, versioned, timings, ws["out"], ws["root"])
     return {"recipe": rec.name, "recipe_hash": rec.hash(), "dvc_hash": versioned["dvc_hash"],
             "dvc_remote": versioned["remote"], "valid": merged["valid"],
             "quarantined": merged["quarantined"], "inputs": merged["inputs"],
             "reasons": merged["reasons"], "mlflow_run_id": run_id,
             "manifest": merged["manifest"], "quarantine": merged["quarantine"],
-            "report": merged["report"], "shards": len(chunks), "shard_tasks_cached": cached}
+            "report": merged["report"], "shards": len(chunks), "shard_tasks_cached": cached,
+            "seconds": {k: round(v, 2) for k, v in timings.items()}}
 
 
 def run(recipe: str, overrides: list[str] | None = None, repo: str | None = None) -> dict[str, Any]:
     """Run the data flow on the task runner the recipe names."""
-    runner = task_runner(load_recipe(recipe, overrides).data)
-    return data_flow.with_options(task_runner=runner)(recipe, overrides or [], repo)
+    rec = load_recipe(recipe, overrides)
+    with tags(f"recipe:{rec.name}", f"recipe-hash:{rec.hash()}"):
+        return data_flow.with_options(task_runner=task_runner(rec.data))(
+            recipe, overrides or [], repo)

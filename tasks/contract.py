@@ -14,7 +14,8 @@ from lens_model.data.contract import Rule
 # ("suite has changed since it was last saved"): one context, used under one lock. Shards
 # validate in parallel across processes (the Dask task runner), not threads.
 _LOCK = threading.RLock()
-_VALIDATIONS: dict[tuple[Rule, ...], Any] = {}
+# rule set -> (validation definition, {expectation id: rule}); GX reorders its results
+_VALIDATIONS: dict[tuple[Rule, ...], tuple[Any, dict[str, Rule]]] = {}
 
 
 @functools.cache
@@ -47,8 +48,9 @@ def expectation(rule: Rule) -> Any:
     raise ValueError(f"rule {rule.reason}: unknown kind {rule.kind!r}")
 
 
-def _validation(rules: tuple[Rule, ...]) -> Any:
-    """One validation definition per distinct rule set, reused across shards."""
+def _validation(rules: tuple[Rule, ...]) -> tuple[Any, dict[str, Rule]]:
+    """One validation definition per distinct rule set (reused across shards), and which
+    rule each of its expectations checks."""
     import great_expectations as gx
 
     ctx = _context()
@@ -61,8 +63,9 @@ def _validation(rules: tuple[Rule, ...]) -> Any:
     for rule in rules:
         suite.add_expectation(expectation(rule))
     suite = ctx.suites.add(suite)
+    by_id = {str(e.id): rule for e, rule in zip(suite.expectations, rules, strict=True)}
     definition = gx.ValidationDefinition(name=name, data=batch, suite=suite)
-    _VALIDATIONS[rules] = ctx.validation_definitions.add(definition)
+    _VALIDATIONS[rules] = (ctx.validation_definitions.add(definition), by_id)
     return _VALIDATIONS[rules]
 
 
@@ -83,18 +86,20 @@ def validate(df: pd.DataFrame, rules: list[Rule]) -> dict[str, Any]:
     """Run the suite of ``rules`` over ``df``; returns GX's result as a JSON-able dict."""
     df = _columns(df, rules)
     with _LOCK:
-        result = _validation(tuple(rules)).run(batch_parameters={"dataframe": df},
-                                               result_format="SUMMARY")
+        definition, by_id = _validation(tuple(rules))
+        result = definition.run(batch_parameters={"dataframe": df}, result_format="SUMMARY")
     raw = result.to_json_dict()
-    # Keep what the data decides; GX's run ids, times and batch ids would make every build's
-    # report, and so the dataset's DVC hash, differ for the same data.
+    # Keep what the data decides, in rule order; GX's run ids, times and batch ids would make
+    # every build's report, and so the dataset's DVC hash, differ for the same data.
     results = []
-    for res, rule in zip(raw["results"], rules, strict=True):
+    for res in raw["results"]:
         cfg = res["expectation_config"]
         kwargs = {k: v for k, v in cfg["kwargs"].items() if k != "batch_id"}
-        results.append({"lens_reason": rule.reason, "success": res["success"],
+        results.append({"lens_reason": by_id[cfg["id"]].reason, "success": res["success"],
                         "expectation_config": {"type": cfg["type"], "kwargs": kwargs},
                         "result": res.get("result", {})})
+    order = {rule.reason: i for i, rule in enumerate(rules)}
+    results.sort(key=lambda r: order[r["lens_reason"]])
     return {"success": raw["success"], "statistics": raw["statistics"], "results": results}
 
 

@@ -55,11 +55,11 @@ def version(root: str) -> dict[str, Any]:
 
 
 @task(name="track", version=VERSION)
-def track(tree: dict[str, Any], merged: dict[str, Any], versioned: dict[str, Any], out: str,
-          root: str) -> str:
+def track(tree: dict[str, Any], merged: dict[str, Any], versioned: dict[str, Any],
+          seconds: dict[str, float], out: str, root: str) -> str:
     """Log the MLflow data run and publish the contract summary as a Prefect artifact."""
     recipe = Recipe.model_validate(tree)
-    run_id = tracking.log_data_run(recipe, merged, versioned, out, cwd=root)
+    run_id = tracking.log_data_run(recipe, merged, versioned, seconds, out, cwd=root)
     create_markdown_artifact(key=f"data-contract-{recipe.name}",
                              markdown=Path(merged["summary"]).read_text()
                              + f"\n\nMLflow run: `{run_id}`; DVC hash: `{versioned['dvc_hash']}`\n",

@@ -59,7 +59,7 @@ def experiment(name: str) -> str:
 
 
 def log_data_run(recipe: Recipe, merged: dict[str, Any], version: dict[str, Any],
-                 dataset_dir: str | Path, cwd: str | Path = ".") -> str:
+                 seconds: dict[str, float], dataset_dir: str | Path, cwd: str | Path = ".") -> str:
     """One MLflow run for a dataset build: params, counts, reasons, GX report, the dataset."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
@@ -80,6 +80,7 @@ def log_data_run(recipe: Recipe, merged: dict[str, Any], version: dict[str, Any]
             "data.caption_word_mean": merged["caption_word_mean"],
             "data.truncation_rate": merged["truncation_rate"],
             **{f"quarantine.{reason}": n for reason, n in merged["reasons"].items()},
+            **{f"seconds.{stage}": s for stage, s in seconds.items()},
         })
         source = resolve_dataset_source(str(Path(dataset_dir).resolve()))
         dataset = MetaDataset(source=source, name=f"{recipe.name}-dataset",

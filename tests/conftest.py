@@ -52,6 +52,7 @@ def dvc_repo(tmp_path: Path) -> Path:
         shutil.copytree(REPO / dep, root / dep, ignore=shutil.ignore_patterns("__pycache__"))
     run(["git", "init", "-q"], root)
     run([sys.executable, "-m", "dvc", "init", "-q"], root)
+    shutil.copy(REPO / ".dvcignore", root / ".dvcignore")
     run(["git", "add", "-A"], root)
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"], root)
     return root

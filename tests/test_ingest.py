@@ -76,7 +76,7 @@ def check(name: str, exp: Expect, rows: dict[str, dict], members: dict[str, dict
     assert info["source"] == row["source"]
     if exp.decode_error:
         assert (row["decode_error"], row["decodable"]) == (exp.decode_error, False), name
-        assert (row["width"], row["height"], row["area"], row["bucket"]) == (0, 0, 0, None)
+        assert (row["width"], row["height"], row["area"], row["bucket"]) == (None,) * 4
         assert row["blur"] is row["entropy"] is row["luminance"] is None
         assert parts["bin"] == original and info["mode"] is None
         return

@@ -166,7 +166,8 @@ def prepare_shard(items: Iterable[RawItem], shard_path: Path, buckets: list[Buck
         row: dict[str, Any] = {
             "key": item.key, "shard": shard_path.name, "caption": caption,
             "word_count": len(caption.split()) if caption else None, "token_count": None,
-            "width": 0, "height": 0, "area": 0, "aspect": 0.0, "bucket": None,
+            # unknown, not 0: an undecodable image breaks only the decodable rule
+            "width": None, "height": None, "area": None, "aspect": None, "bucket": None,
             "sha256": hashlib.sha256(item.image).hexdigest() if item.image is not None else None,
             "source": item.source,
             "decodable": dec.rgb is not None, "blur": None, "entropy": None, "luminance": None,
