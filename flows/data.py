@@ -8,10 +8,11 @@ dask``) to spread shards over a local cluster or a remote scheduler (``data.dask
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, tags, unmapped
+from prefect import flow, runtime, tags, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from lens_model.recipe import DataSection, Recipe, load_recipe
@@ -64,12 +65,28 @@ def data_flow(recipe: str = "tiny", overrides: list[str] | None = None,
             "reasons": merged["reasons"], "mlflow_run_id": run_id,
             "manifest": merged["manifest"], "quarantine": merged["quarantine"],
             "report": merged["report"], "shards": len(chunks), "shard_tasks_cached": cached,
-            "seconds": {k: round(v, 2) for k, v in timings.items()}}
+            "seconds": {k: round(v, 2) for k, v in timings.items()},
+            "prefect_flow_run_id": str(runtime.flow_run.id)}
+
+
+def shared_api(d: DataSection) -> AbstractContextManager[Any]:
+    """Dask workers are other processes: with no Prefect server configured, start this
+    process's ephemeral server now and name its URL, so their task runs report to it too
+    (otherwise each worker would start a temporary server of its own)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if d.task_runner != "dask" or PREFECT_API_URL.value():
+        return nullcontext()
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the one Prefect's own ephemeral mode would use
+    server.start()
+    return temporary_settings({PREFECT_API_URL: server.api_url})
 
 
 def run(recipe: str, overrides: list[str] | None = None, repo: str | None = None) -> dict[str, Any]:
     """Run the data flow on the task runner the recipe names."""
     rec = load_recipe(recipe, overrides)
-    with tags(f"recipe:{rec.name}", f"recipe-hash:{rec.hash()}"):
+    with shared_api(rec.data), tags(f"recipe:{rec.name}", f"recipe-hash:{rec.hash()}"):
         return data_flow.with_options(task_runner=task_runner(rec.data))(
             recipe, overrides or [], repo)

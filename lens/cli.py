@@ -49,6 +49,7 @@ def _where(result: dict[str, Any]) -> str:
         f"prefect   flow run state under {home / 'prefect'}  "
         f"(UI: PREFECT_HOME={home / 'prefect'} prefect server start)",
         f"cache     {result['shard_tasks_cached']} of {2 * result['shards']} shard tasks reused",
+        "seconds   " + ", ".join(f"{k} {v}" for k, v in result["seconds"].items()),
     ])
 
 

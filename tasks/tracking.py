@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,9 @@ def log_data_run(recipe: Recipe, merged: dict[str, Any], version: dict[str, Any]
             **{f"quarantine.{reason}": n for reason, n in merged["reasons"].items()},
             **{f"seconds.{stage}": s for stage, s in seconds.items()},
         })
-        source = resolve_dataset_source(str(Path(dataset_dir).resolve()))
+        with warnings.catch_warnings():  # MLflow registers its local source twice and says so
+            warnings.filterwarnings("ignore", "The specified dataset source can be interpreted")
+            source = resolve_dataset_source(str(Path(dataset_dir).resolve()))
         dataset = MetaDataset(source=source, name=f"{recipe.name}-dataset",
                               digest=version["dvc_hash"][:36])
         mlflow.log_input(dataset, context="training", tags={"dvc_hash": version["dvc_hash"]})

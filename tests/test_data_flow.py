@@ -72,9 +72,19 @@ def test_flow_versions_tracks_and_reuses_cache(prefect_server, dvc_repo: Path) -
 
 
 def test_dask_runner_gives_the_same_dataset(prefect_server, dvc_repo: Path) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
     threads = _flow(dvc_repo)
     dask = _flow(dvc_repo, ["data.task_runner=dask", "data.workers=2"])
     assert dask["dvc_hash"] == threads["dvc_hash"]
+    # the Dask workers' task runs are recorded on the flow's own server
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[dask["prefect_flow_run_id"]])))
+    names = [r.name for r in runs if r.state and r.state.is_final()]
+    assert sum(n.startswith("prepare-") for n in names) == dask["shards"]
+    assert sum(n.startswith("validate-") for n in names) == dask["shards"]
 
 
 def test_cli_json_last_line(prefect_server, dvc_repo: Path, capsys) -> None:

@@ -38,9 +38,9 @@ import pyarrow.parquet as pq
 
 from lens_model.data.items import RawItem
 
-IMAGE_EXTS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
+INPUT_IMAGE_EXTS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
 CAPTION_EXTS = frozenset({"txt", "json"})
-SAMPLE_EXTS = IMAGE_EXTS | CAPTION_EXTS
+SAMPLE_EXTS = INPUT_IMAGE_EXTS | CAPTION_EXTS
 PARQUET_IMAGE_COLUMNS = ("image", "image_bytes", "jpg", "png")
 PARQUET_CAPTION_COLUMNS = ("caption", "text")
 MAX_FILE_BYTES = 256 << 20  # one sample file bigger than this is refused, not loaded into memory

@@ -45,10 +45,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lens_model.buckets import Bucket, fit_to_bucket
-from lens_model.data.shards import MANIFEST, index_shard
+from lens_model.data.shards import DECODED_IMAGE_EXTS, MANIFEST, index_shard
 from lens_model.packing import pack_by_tokens
 
-IMAGE_MEMBERS = ("png", "jpg", "webp")
 _STATE_FIELDS = ("seed", "rank", "world_size", "token_budget", "token_px", "shuffle_buffer",
                  "manifest")
 
@@ -112,7 +111,7 @@ class _BatchDecoder(Dataset):
         key, shard, bucket = self.keys[row], self.shards[row], self.buckets[row]
         fh, index = self._shard(shard, key)
         members = index.get(key, {})
-        ext = next((e for e in IMAGE_MEMBERS if e in members), None)
+        ext = next((e for e in DECODED_IMAGE_EXTS if e in members), None)
         if ext is None:
             raise ValueError(f"sample {key!r}: shard {shard} has no image member for it "
                              f"(found {sorted(members) or 'nothing'}); rebuild the shards and "

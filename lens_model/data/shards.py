@@ -21,7 +21,8 @@ import pyarrow.parquet as pq
 from lens_model import atomic
 
 SHARD_NAME = "shard-{:06d}.tar"
-IMAGE_EXTS = ("png", "jpg", "webp", "bin")  # "bin": bytes that did not decode as an image
+DECODED_IMAGE_EXTS = ("png", "jpg", "webp")  # members the loader reads
+IMAGE_EXTS = (*DECODED_IMAGE_EXTS, "bin")  # "bin": bytes that did not decode as an image
 MANIFEST = "manifest.parquet"
 QUARANTINE = "quarantine.parquet"
 
