@@ -17,7 +17,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from lens_model.recipe import DataSection, Recipe, load_recipe
 from tasks import data as t
-from tasks.dataset import ContractFailed, outputs_present
+from tasks.dataset import ContractFailed, outputs_current
 
 
 def task_runner(d: DataSection) -> Any:
@@ -40,15 +40,18 @@ def data_flow(recipe: str = "tiny", overrides: list[str] | None = None,
     started = time.perf_counter()
     ws = t.workspace(tree, repo)
     chunks = t.plan(tree, ws["raw"], ws["out"])
-    # A cache hit must not stand in for outputs someone deleted: then recompute.
-    prepared_ok, validated_ok = outputs_present(Path(ws["raw"]), Path(ws["out"]), len(chunks))
+    # A cache hit must not stand in for outputs someone deleted or another recipe or older
+    # code overwrote: then recompute.
+    prepared_ok, validated_ok, merged_ok = outputs_current(rec, Path(ws["raw"]), Path(ws["out"]),
+                                                           len(chunks))
     prepared = t.prepare.with_options(refresh_cache=not prepared_ok).map(
         unmapped(tree), chunks, range(len(chunks)), unmapped(ws["raw"]))
     validated = t.validate.with_options(refresh_cache=not validated_ok).map(
         unmapped(tree), prepared, unmapped(ws["out"]))
     prepared_refs, validated_refs = prepared.result(), validated.result()
     timings = {"prepare_validate": time.perf_counter() - started}
-    merged = t.merge(tree, prepared_refs, validated_refs, ws["out"])
+    merged = t.merge.with_options(refresh_cache=not merged_ok)(
+        tree, prepared_refs, validated_refs, ws["out"])
     timings["merge"] = time.perf_counter() - started - timings["prepare_validate"]
     cached = sum(f.state.name == "Cached" for f in [*prepared, *validated])
     if not merged["passed"]:

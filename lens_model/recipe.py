@@ -21,6 +21,15 @@ CONFIG_DIR = Path(os.environ.get("LENS_CONFIG_DIR")
 ASPECT_RATIOS_1_2_TO_2_1 = ["1:2", "9:16", "2:3", "3:4", "1:1", "4:3", "3:2", "16:9", "2:1"]
 
 
+# data-section keys that say how a dataset is built, not what it holds
+EXECUTION_KEYS = ("task_runner", "workers", "dask_address")
+
+
+def _digest(tree: Any) -> str:
+    canonical = json.dumps(tree, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
 class RecipeError(ValueError):
     """A recipe that cannot be used; the message names the key and the fix."""
 
@@ -121,8 +130,15 @@ class Recipe(Section):
 
     def hash(self) -> str:
         """Stable 12-hex hash of the resolved recipe."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+        return _digest(self.model_dump(mode="json"))
+
+    def data_hash(self) -> str:
+        """Hash of what decides the dataset's content: not how many workers build it."""
+        data = self.data.model_dump(mode="json")
+        for key in EXECUTION_KEYS:
+            data.pop(key)
+        return _digest({"seed": self.seed, "data": data,
+                        "buckets": self.buckets.model_dump(mode="json")})
 
     def flat(self) -> dict[str, Any]:
         """``section.key -> value`` for logging as params."""

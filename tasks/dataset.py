@@ -16,6 +16,8 @@ all run the same code. Layout of one build::
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 from collections import Counter
@@ -39,6 +41,28 @@ from tasks import contract as gx_contract
 
 class ContractFailed(RuntimeError):
     """The batch as a whole broke the contract; the report says why."""
+
+
+# The code a dataset's bytes depend on (dvc.yaml's deps name the same files).
+BUILD_CODE = ("lens_model/data", "lens_model/buckets.py", "lens_model/recipe.py",
+              "lens_model/atomic.py", "tasks/dataset.py", "tasks/contract.py")
+
+
+@functools.cache
+def code_fingerprint() -> str:
+    """Hash of the build code, so outputs of older code are never taken for current ones."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for entry in BUILD_CODE:
+        path = root / entry
+        for file in sorted(path.glob("*.py")) if path.is_dir() else [path]:
+            digest.update(file.relative_to(root).as_posix().encode() + file.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def stamp(recipe: Recipe) -> str:
+    """What outputs on disk must have been built from: this data recipe and this code."""
+    return f"{recipe.data_hash()}-{code_fingerprint()}"
 
 
 def plan(recipe: Recipe) -> list[dict[str, Any]]:
@@ -90,7 +114,8 @@ def prepare_chunk(recipe: Recipe, chunk: dict[str, Any], index: int, raw: Path) 
                                         buckets_for(recipe.buckets), tokenizer)
     shards.write_table(paths["candidates"], candidates, shards.CANDIDATE_SCHEMA)
     shards.write_table(paths["rejects"], rejects, shards.QUARANTINE_SCHEMA)
-    ref = {"index": index, "inputs": len(candidates) + len(rejects), "tokenizer_note": note}
+    ref = {"index": index, "inputs": len(candidates) + len(rejects), "tokenizer_note": note,
+           "stamp": stamp(recipe)}
     atomic.write_json(paths["ref"], ref)
     return {**ref, **{k: str(v) for k, v in paths.items()}}
 
@@ -153,11 +178,12 @@ def validate_shard(recipe: Recipe, prepared: dict[str, Any], out: Path) -> dict[
                                 "validate", row_rules)
     paths = {"valid": _part(out, index, ".valid.parquet"),
              "rejected": _part(out, index, ".rejected.parquet"),
-             "gx": _part(out, index, ".gx.json")}
+             "gx": _part(out, index, ".gx.json"), "ref": _part(out, index, ".ref.json")}
     shards.write_arrow(paths["valid"], pa.Table.from_pandas(valid, shards.MANIFEST_SCHEMA,
                                                             preserve_index=False))
     shards.write_table(paths["rejected"], rejected, shards.QUARANTINE_SCHEMA)
     atomic.write_json(paths["gx"], gx_result)
+    atomic.write_json(paths["ref"], {"index": index, "stamp": stamp(recipe)})
     summary = rules_mod.summarize(shard.name, len(df), valid, c)
     return {"index": index, "summary": summary.to_dict(), **{k: str(v) for k, v in paths.items()}}
 
@@ -209,7 +235,7 @@ def merge(recipe: Recipe, prepared: list[dict[str, Any]], validated: list[dict[s
         "merged_checks": verdict["checks"], "expectations": gx_contract.summarize(gx_results),
         "shards": len(validated), "tokenizer": c.tokenizer, "tokenizer_notes": notes,
         "truncation_rate": verdict["truncation_rate"],
-        "caption_word_mean": verdict["caption_word_mean"],
+        "caption_word_mean": verdict["caption_word_mean"], "stamp": stamp(recipe),
     }
     paths = {"manifest": out / shards.MANIFEST, "quarantine": out / shards.QUARANTINE,
              "report": out / "contract.json", "summary": out / "contract.md"}
@@ -267,9 +293,20 @@ def validate_all(recipe: Recipe, raw: Path, out: Path) -> dict[str, Any]:
     return merge(recipe, prepared, validated, out)
 
 
-def outputs_present(raw: Path, out: Path, shards_planned: int) -> tuple[bool, bool]:
-    """Whether every planned shard's prepare outputs, and validate outputs, are on disk."""
-    prepared = all(p.exists() for i in range(shards_planned) for p in _paths(raw, i).values())
-    validated = all(_part(out, i, s).exists() for i in range(shards_planned)
-                    for s in (".valid.parquet", ".rejected.parquet", ".gx.json"))
-    return prepared, validated
+def outputs_current(recipe: Recipe, raw: Path, out: Path, planned: int) -> tuple[bool, ...]:
+    """Whether the prepare, validate and merge outputs are all on disk and were built from
+    this recipe's data settings and this code (their ref files and report carry that stamp)."""
+    want = stamp(recipe)
+
+    def current(ref: Path, others: list[Path]) -> bool:
+        return (ref.exists() and json.loads(ref.read_text()).get("stamp") == want
+                and all(p.exists() for p in others))
+
+    prepared = all(current(p["ref"], [p["shard"], p["candidates"], p["rejects"]])
+                   for p in map(lambda i: _paths(raw, i), range(planned)))
+    validated = all(current(_part(out, i, ".ref.json"), [_part(out, i, s) for s in
+                                                         (".valid.parquet", ".rejected.parquet",
+                                                          ".gx.json")])
+                    for i in range(planned))
+    merged = current(out / "contract.json", [out / shards.MANIFEST, out / shards.QUARANTINE])
+    return prepared, validated, prepared and validated and merged

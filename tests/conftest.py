@@ -48,8 +48,14 @@ def dvc_repo(tmp_path: Path) -> Path:
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy(REPO / name, root / name)
     # dvc.yaml's code deps, so `dvc status` can hash them
-    for dep in ("lens_model/data", "tasks"):
-        shutil.copytree(REPO / dep, root / dep, ignore=shutil.ignore_patterns("__pycache__"))
+    from tasks.dataset import BUILD_CODE
+
+    for dep in BUILD_CODE:
+        (root / dep).parent.mkdir(parents=True, exist_ok=True)
+        if (REPO / dep).is_dir():
+            shutil.copytree(REPO / dep, root / dep, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(REPO / dep, root / dep)
     run(["git", "init", "-q"], root)
     run([sys.executable, "-m", "dvc", "init", "-q"], root)
     shutil.copy(REPO / ".dvcignore", root / ".dvcignore")

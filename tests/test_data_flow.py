@@ -70,6 +70,12 @@ def test_flow_versions_tracks_and_reuses_cache(prefect_server, dvc_repo: Path) -
     assert third["dvc_hash"] == first["dvc_hash"]
     assert (dvc_repo / "data/raw/shard-000001.tar").exists()
 
+    # Outputs another recipe overwrote are rebuilt too, though this recipe's tasks are cached
+    other = _flow(dvc_repo, ["seed=1"])
+    assert other["dvc_hash"] != first["dvc_hash"] and other["shards"] == first["shards"]
+    back = _flow(dvc_repo)
+    assert back["dvc_hash"] == first["dvc_hash"] and back["shard_tasks_cached"] == 0
+
 
 def test_dask_runner_gives_the_same_dataset(prefect_server, dvc_repo: Path) -> None:
     from prefect.client.orchestration import get_client
