@@ -127,7 +127,8 @@ def _member_bytes(shard: Path, keys: list[str]) -> dict[str, tuple[bytes | None,
     with open(shard, "rb") as fh:
         for key in keys:
             members = index.get(key, {})
-            ext = next((e for e in shards.IMAGE_EXTS if e in members), None)
+            ext = next((e for e in (shards.ORIGINAL_EXT, *shards.IMAGE_EXTS) if e in members),
+                       None)
             image = shards.read_member(fh, *members[ext]) if ext else None
             caption = shards.read_member(fh, *members["txt"]) if "txt" in members else None
             out[key] = (image, caption)

@@ -70,10 +70,15 @@ def test_ingest_quarantines_hostile_input_and_counts_add_up(inputs, tmp_path, ca
 
 
 def test_default_recipe_fails_the_batch_and_says_why(inputs, tmp_path, capsys) -> None:
-    _, paths = inputs
+    root, paths = inputs
     code, result = _ingest(paths, tmp_path / "strict", capsys)  # lens-3.8b: 384^2 minimum
     assert code == 1 and result["passed"] is False
     assert result["inputs"] == result["valid"] + result["quarantined"]
+    # rejected by the contract after normalisation to RGB, yet quarantined with its own bytes
+    quarantine = pd.read_parquet(result["quarantine"])
+    cmyk = quarantine[quarantine["source"].str.endswith("cmyk.jpg")].iloc[0]
+    assert "area_below_min" in cmyk["reasons"]
+    assert cmyk["image_bytes"] == (root / "folder" / "cmyk.jpg").read_bytes()
     report = (tmp_path / "strict" / "contract.md").read_text()
     assert "FAILED" in report and "rejection_rate" in report
 

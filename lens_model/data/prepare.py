@@ -180,6 +180,8 @@ def prepare_shard(items: Iterable[RawItem], shard_path: Path, buckets: list[Buck
                        bucket=assign_bucket(w, h, buckets).name, **quality.features(dec.rgb))
         info = {"source": item.source, "mode": dec.mode, "meta": item.meta}
         parts = {dec.ext: dec.data, "json": _json(info).encode()}
+        if item.image is not None and dec.data != item.image:  # re-encoded: keep the original
+            parts[shards.ORIGINAL_EXT] = item.image
         if item.caption is not None and _is_utf8(item.caption):
             parts["txt"] = item.caption  # kept exactly as given
         samples.append((item.key, parts))

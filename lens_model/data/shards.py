@@ -1,8 +1,9 @@
 """WebDataset-style tar shards and the Parquet manifest / quarantine tables.
 
 A shard ``shard-000000.tar`` holds, per sample key, ``KEY.png`` (the image; ``.jpg``/``.webp``
-keep their encoding), ``KEY.txt``
-(the long caption, UTF-8) and ``KEY.json`` (metadata, e.g. the shapes-world scene). Members
+keep their encoding; an image normalised to RGB keeps its input bytes as ``KEY.orig``),
+``KEY.txt`` (the long caption, UTF-8) and ``KEY.json`` (metadata, e.g. the shapes-world
+scene). Members
 are written in key order with fixed mtimes and owners, so the same samples give the same
 bytes (and the same DVC hash). The manifest has one row per valid sample; the quarantine
 table has one row per rejected input, with its reasons and its original bytes.
@@ -23,6 +24,7 @@ from lens_model import atomic
 SHARD_NAME = "shard-{:06d}.tar"
 DECODED_IMAGE_EXTS = ("png", "jpg", "webp")  # members the loader reads
 IMAGE_EXTS = (*DECODED_IMAGE_EXTS, "bin")  # "bin": bytes that did not decode as an image
+ORIGINAL_EXT = "orig"  # the input's own bytes, where the image member is a re-encoding
 MANIFEST = "manifest.parquet"
 QUARANTINE = "quarantine.parquet"
 
