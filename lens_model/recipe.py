@@ -116,6 +116,77 @@ class LoaderSection(Section):
     shuffle_buffer: int = Field(1024, ge=1, description="samples packed together")
 
 
+class ModelSection(Section):
+    """The backbone: a preset of lens_model/config.py."""
+
+    preset: str = Field("tiny", description="tiny | toy | lens-3.8b (lens_model.config)")
+
+
+class TextEncoderSection(Section):
+    """A frozen language model: hidden states of chosen layers -> RMSNorm -> concat -> linear."""
+
+    path: str = Field("minilm", description="'minilm' (shipped) or a local HF model folder")
+    layers: list[int] = Field(default_factory=lambda: [5, 11, 17, 23], min_length=1)
+    max_length: int = Field(512, ge=1)
+
+
+class VaeSection(Section):
+    """The semantic VAE: a pretrained one by path, or a small one trained as a stage."""
+
+    source: Literal["pretrained", "train"] = "pretrained"
+    path: str | None = Field(None, description="folder of a pretrained AutoencoderKLFlux2")
+    latent_channels: int = Field(32, ge=1)
+    downsample: int = Field(8, ge=1, description="pixels per latent cell")
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    kl_weight: float = Field(1e-6, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> VaeSection:
+        if self.source == "pretrained" and not self.path:
+            raise ValueError("source 'pretrained' needs path (a local AutoencoderKLFlux2 folder)")
+        return self
+
+
+class PretrainSection(Section):
+    """Rectified-flow pretraining through DeepSpeed."""
+
+    steps: int = Field(1000, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = Field(1.0, gt=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["fp32", "bf16"] = "bf16"
+    grad_checkpointing: bool = True
+    ckpt_every: int = Field(1000, ge=1)
+    keep_last: int = Field(3, ge=1)
+    sample_every: int = Field(1000, ge=1, description="steps between fixed-prompt sample grids")
+    log_every: int = Field(10, ge=1)
+    features: Literal["cached", "online"] = Field("cached", description="precomputed or live")
+    timestep_mean: float = 0.0
+    timestep_std: float = Field(1.0, gt=0)
+    mu_base_tokens: int = Field(256, ge=1, description="mu rule: mu_base at this token count")
+    mu_base: float = 1.0
+    mu_max_tokens: int = Field(4096, ge=1)
+    mu_max: float = 1.3
+
+
+class LaunchSection(Section):
+    """Where pretraining runs: one process, torchrun on N processes, or several nodes."""
+
+    device: Literal["cpu", "cuda"] = "cuda"
+    nnodes: int = Field(1, ge=1)
+    nproc_per_node: int = Field(1, ge=1)
+    master_addr: str = "127.0.0.1"
+    master_port: int = Field(29500, ge=1, le=65535)
+    image: str = Field("lens-platform:latest", description="container image for k8s/slurm")
+    gpu_type: Literal["A100", "H100", "H800", "none"] = "H100"
+
+
 class TrackingSection(Section):
     experiment: str = "lens"
 
@@ -126,6 +197,11 @@ class Recipe(Section):
     data: DataSection = Field(default_factory=DataSection)
     buckets: BucketsSection = Field(default_factory=BucketsSection)
     loader: LoaderSection = Field(default_factory=LoaderSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    text_encoder: TextEncoderSection = Field(default_factory=TextEncoderSection)
+    vae: VaeSection = Field(default_factory=lambda: VaeSection(source="train"))
+    pretrain: PretrainSection = Field(default_factory=PretrainSection)
+    launch: LaunchSection = Field(default_factory=LaunchSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
 
     def hash(self) -> str:
