@@ -5,6 +5,7 @@
     lens data ingest PATH... --out DIR     ingest user data (folders, WebDataset tars, Parquet)
     lens data prepare|validate --params P  the DVC stages (``dvc repro`` runs these)
     lens recipe RECIPE [--set k=v]         print the resolved recipe and its hash
+    lens model info PRESET [--size WxH]    parameters, FLOPs per forward, training memory
 
 Exit status: 0 done, 1 the data contract failed, 2 bad input (the message says which and
 how to fix it). With ``--json`` the last line of stdout is one JSON object.
@@ -110,6 +111,28 @@ def cmd_recipe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model_info(args: argparse.Namespace) -> int:
+    from lens_model.flops import info
+
+    try:
+        width, height = (int(v) for v in args.size.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--size {args.size!r}: expected WIDTHxHEIGHT, e.g. 1024x1024") from None
+    out = info(args.preset, width, height, args.text_tokens, args.token_px)
+    mem = out["memory_bytes"]
+    human = "\n".join([
+        f"{out['preset']}: {out['params']:,} parameters ({out['params_without_adaln']:,} "
+        f"without adaLN)",
+        f"forward at {out['resolution']} ({out['image_tokens']} image + {out['text_tokens']} "
+        f"text tokens): {out['forward_flops']:.4g} FLOPs; train step {out['train_step_flops']:.4g}"
+        f" ({out['train_step_flops_checkpointed']:.4g} with activation checkpointing)",
+        "training memory: " + ", ".join(f"{k} {mem[k] / 2**30:.2f} GiB"
+                                        for k in ("weights", "grads", "adam", "total")),
+    ])
+    _emit(out, args.json, human)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lens", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -146,6 +169,16 @@ def parser() -> argparse.ArgumentParser:
         stage.add_argument("--raw", default="data/raw")
         stage.add_argument("--out", default="data/dataset")
         stage.set_defaults(func=func)
+
+    model = sub.add_parser("model", help="the backbone presets")
+    msub = model.add_subparsers(dest="model_command", required=True)
+    minfo = msub.add_parser("info", help="parameters, FLOPs per forward, training memory")
+    minfo.add_argument("preset", help="tiny | toy | lens-3.8b")
+    minfo.add_argument("--size", default="1024x1024", help="image WIDTHxHEIGHT")
+    minfo.add_argument("--text-tokens", type=int, default=256)
+    minfo.add_argument("--token-px", type=int, default=16, help="VAE factor x patch size")
+    minfo.add_argument("--json", action="store_true")
+    minfo.set_defaults(func=cmd_model_info)
 
     recipe = sub.add_parser("recipe", help="print a resolved recipe and its hash")
     recipe.add_argument("recipe")

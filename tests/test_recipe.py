@@ -92,3 +92,13 @@ def test_defaults_yield_to_user_values(monkeypatch, tmp_path) -> None:
     assert os.environ["HF_HUB_OFFLINE"] == "1"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert defaults.mlflow_uri() == f"sqlite:///{tmp_path / 'h' / 'mlflow.db'}"
+
+
+def test_model_info_cli(capsys) -> None:
+    from lens import cli
+
+    assert cli.main(["model", "info", "lens-3.8b", "--json"]) == 0
+    out = __import__("json").loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 3.7e9 <= out["params"] <= 4.2e9 and out["image_tokens"] == 4096
+    assert cli.main(["model", "info", "nope"]) == 2
+    assert "tiny, toy, lens-3.8b" in capsys.readouterr().err
