@@ -1,0 +1,84 @@
+"""The pretraining stage: launch the DeepSpeed trainer, stream its progress to MLflow.
+
+The job name is deterministic (recipe hash + data hash), and so is its run directory under
+``$LENS_HOME/runs/``: a retried task finds the last checkpoint there and resumes, instead of
+starting over.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import yaml
+from prefect import get_run_logger, task
+
+from lens import defaults
+from lens_model import atomic
+from lens_model.recipe import Recipe
+from lens_model.train.launch import torchrun_cmd
+from tasks import tracking
+from tasks.launcher import run_streaming
+
+PROGRAM = "lens_model.train.pretrain"
+
+
+def job_name(recipe: Recipe, dvc_hash: str) -> str:
+    return f"pretrain-{recipe.name}-{recipe.hash()}-{dvc_hash[:8]}"
+
+
+def command(recipe: Recipe, args: list[str]) -> list[str]:
+    """One process runs the program directly; more go through torchrun (same program)."""
+    launch = recipe.launch
+    if launch.nnodes == 1 and launch.nproc_per_node == 1:
+        return [sys.executable, "-m", PROGRAM, *args]
+    return torchrun_cmd(nproc=launch.nproc_per_node, nnodes=launch.nnodes, node_rank=0,
+                        master_addr=launch.master_addr, master_port=launch.master_port,
+                        script=["-m", PROGRAM], args=args)
+
+
+@task(name="pretrain", retries=1, retry_delay_seconds=5)
+def pretrain(tree: dict[str, Any], dataset: str, vae: str, dvc_hash: str,
+             parent_run_id: str = "") -> dict[str, Any]:
+    """Train, streaming losses, the compute ledger and sample grids into one MLflow run."""
+    recipe = Recipe.model_validate(tree)
+    logger = get_run_logger()
+    job = job_name(recipe, dvc_hash)
+    run_dir = defaults.lens_home() / "runs" / job
+    params = run_dir / "recipe.yaml"
+    atomic.write_text(params, yaml.safe_dump(tree, sort_keys=False))
+    args = ["--params", str(params), "--dataset", dataset, "--vae", vae, "--run", str(run_dir)]
+    exp = tracking.experiment(recipe.tracking.experiment)
+    tags = tracking.lineage(recipe, dvc_hash, parent_run_id) | {"lens.stage": "pretrain",
+                                                               "lens.job": job}
+    existing = mlflow.search_runs([exp], filter_string=f"tags.`lens.job` = '{job}'",
+                                  output_format="list", max_results=1)
+    final: dict[str, Any] = {}
+    with mlflow.start_run(run_id=existing[0].info.run_id if existing else None,
+                          experiment_id=exp, run_name=job, tags=tags,
+                          log_system_metrics=True) as run:
+        if not existing:
+            mlflow.log_params({k: str(v)[:500] for k, v in recipe.flat().items()
+                               if k.split(".")[0] in ("model", "text_encoder", "vae",
+                                                      "pretrain", "launch", "loader")})
+
+        def on_event(event: dict[str, Any]) -> None:
+            step = int(event.get("step", 0))
+            if "metrics" in event:
+                mlflow.log_metrics(event["metrics"], step=step)
+                loss = event["metrics"].get("train/loss")
+                logger.info(f"{job} step {step}: loss {loss:.4f}" if loss is not None
+                            else f"{job} step {step}")
+            if "artifact" in event:
+                mlflow.log_artifact(str(run_dir / event["artifact"]),
+                                    artifact_path=str(Path(event["artifact"]).parent))
+            if "checkpoint" in event:
+                mlflow.set_tag("lens.last_checkpoint", str(run_dir / event["checkpoint"]))
+            if "final" in event:
+                final.update(event["final"])
+
+        run_streaming(command(recipe, args), run_dir, on_event, logger.info)
+        mlflow.set_tags({"lens.model_dir": final.get("model_dir", "")})
+        return {"run_id": run.info.run_id, "job": job, "run_dir": str(run_dir), **final}
