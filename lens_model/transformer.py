@@ -144,6 +144,40 @@ def segment_mask(segment_ids: Tensor) -> Tensor:
     return ((same & real) | eye)[:, None]
 
 
+Segments = list[tuple[int, Tensor, Tensor]]  # (row, query index, key index) per sample
+
+
+def segment_index(segment_ids: Tensor) -> tuple[Segments, Tensor]:
+    """Per row and segment, the positions of its tokens; and the (row, position) pairs of
+    padding tokens. Computed once per forward, shared by every block."""
+    found: Segments = []
+    for row, ids in enumerate(segment_ids):
+        for seg in torch.unique(ids[ids >= 0]).tolist():
+            keys = (ids == seg).nonzero().squeeze(1)
+            found.append((row, keys, keys))
+    return found, (segment_ids < 0).nonzero()  # (P, 2)
+
+
+def segment_attention(q: Tensor, k: Tensor, v: Tensor, index: tuple[Segments, Tensor]) -> Tensor:
+    """Attention within each segment only: what the block-diagonal mask computes, at the cost
+    of sum(n_i^2) instead of L^2. q (B, H, Lq, D), k/v (B, H, L, D) -> (B, H, Lq, D).
+    A padding query attends to itself alone, so its output is its own value."""
+    found, pads = index
+    lq = q.shape[2]  # the last block queries image tokens only: positions < lq
+    out = q.new_zeros(q.shape)
+    for row, qi, ki in found:
+        qi = qi[qi < lq]
+        if len(qi) == 0:
+            continue
+        res = F.scaled_dot_product_attention(q[row, :, qi][None], k[row, :, ki][None],
+                                             v[row, :, ki][None])  # (1, H, n_q, D)
+        out[row] = out[row].index_copy(1, qi, res[0])
+    pads = pads[pads[:, 1] < lq]
+    if len(pads):
+        out[pads[:, 0], :, pads[:, 1]] = v[pads[:, 0], :, pads[:, 1]]
+    return out
+
+
 def timestep_embedding(t: Tensor, dim: int = TIME_FREQ_DIM, max_period: float = 10000.0) -> Tensor:
     """(...,) t in [0, 1] -> (..., dim) sinusoids [cos | sin] of 1000 t."""
     half = dim // 2
@@ -227,7 +261,7 @@ class JointBlock(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor, temb: Tensor, img_index: Tensor | None,
                 txt_index: Tensor | None, cos: Tensor, sin: Tensor,
-                mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+                mask: Tensor | tuple[Segments, Tensor] | None) -> tuple[Tensor, Tensor | None]:
         """x (B, Li, W), c (B, Lt, W), temb (B, S, W) -> updated x, c (None after the last)."""
         mod_x = self.img.modulation(temb, img_index)
         mod_c = self.txt.modulation(temb, txt_index)
@@ -238,8 +272,11 @@ class JointBlock(nn.Module):
         q = apply_rope(q, cos[:, :, :lq], sin[:, :, :lq])
         k = apply_rope(torch.cat([ki, kt], dim=2), cos, sin)  # (B, H, Li+Lt, D)
         v = torch.cat([vi, vt], dim=2)
-        mask = None if mask is None else mask[:, :, :lq]
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if isinstance(mask, tuple):  # per-segment index: exact and sparse
+            attn = segment_attention(q, k, v, mask)
+        else:
+            mask = None if mask is None else mask[:, :, :lq]
+            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         attn = attn.transpose(1, 2).flatten(2)  # (B, Lq, W)
         attn_x, attn_c = attn[:, :x.shape[1]], attn[:, x.shape[1]:]
         x = self.img.finish(x, attn_x, mod_x)
@@ -258,6 +295,7 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin):
                  axes_dims: tuple[int, int, int] = (8, 12, 12), rope_theta: float = 10000.0,
                  qk_norm: bool = True, eps: float = 1e-6) -> None:
         super().__init__()
+        self.dense_mask = False  # True: packed rows use the dense block-diagonal mask instead
         cfg = TransformerConfig(depth=depth, width=width, heads=heads, mlp_hidden=mlp_hidden,
                                 in_channels=in_channels, patch_size=patch_size,
                                 text_dim=text_dim, axes_dims=tuple(axes_dims),
@@ -312,7 +350,14 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin):
         one_segment = timestep.shape[1] == 1
         # One sample per row and no padding: no mask, so SDPA may pick a fused kernel.
         unmasked = one_segment and not segments.is_meta and bool((segments >= 0).all())
-        mask = None if unmasked else segment_mask(segments)
+        # Several samples per row: attend within each one (sum of n_i^2 work). The dense
+        # block-diagonal mask is kept for meta tensors (FLOP counting) and as the reference.
+        if unmasked:
+            mask = None
+        elif segments.is_meta or self.dense_mask:
+            mask = segment_mask(segments)
+        else:
+            mask = segment_index(segments)
         cfg = self.transformer_config
         cos, sin = rope_angles(torch.cat([img_position_ids, txt_position_ids], dim=1),
                                cfg.axes_dims, cfg.rope_theta)  # (B, 1, L, D/2) each
