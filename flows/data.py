@@ -34,7 +34,7 @@ def task_runner(d: DataSection) -> Any:
 
 @flow(name="lens-data", version="1", log_prints=True)
 def data_flow(recipe: str = "tiny", overrides: list[str] | None = None,
-              repo: str | None = None) -> dict[str, Any]:
+              repo: str | None = None, parent_run_id: str = "") -> dict[str, Any]:
     rec: Recipe = load_recipe(recipe, overrides)
     tree = rec.model_dump(mode="json")
     started = time.perf_counter()
@@ -61,7 +61,7 @@ def data_flow(recipe: str = "tiny", overrides: list[str] | None = None,
     versioned = t.version(ws["root"])
     timings["version"] = time.perf_counter() - mark
     print("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
-    run_id = t.track(tree, merged, versioned, timings, ws["out"], ws["root"])
+    run_id = t.track(tree, merged, versioned, timings, ws["out"], ws["root"], parent_run_id)
     return {"recipe": rec.name, "recipe_hash": rec.hash(), "dvc_hash": versioned["dvc_hash"],
             "dvc_remote": versioned["remote"], "valid": merged["valid"],
             "quarantined": merged["quarantined"], "inputs": merged["inputs"],

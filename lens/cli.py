@@ -1,6 +1,6 @@
 """The ``lens`` command line.
 
-    lens run [RECIPE]                      the main job (today: the data flow) on a recipe
+    lens run [RECIPE]                      the main job: data -> vae -> pretrain on a recipe
     lens data RECIPE [--set k=v] [--json]  the Prefect data flow: validated, DVC-versioned data
     lens data ingest PATH... --out DIR     ingest user data (folders, WebDataset tars, Parquet)
     lens data prepare|validate --params P  the DVC stages (``dvc repro`` runs these)
@@ -52,6 +52,23 @@ def _where(result: dict[str, Any]) -> str:
         f"cache     {result['shard_tasks_cached']} of {2 * result['shards']} shard tasks reused",
         "seconds   " + ", ".join(f"{k} {v}" for k, v in result["seconds"].items()),
     ])
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.pipeline import run
+
+    result = run(args.recipe, args.overrides, args.repo)
+    keys = ("dvc_hash", "valid", "quarantined", "mlflow_run_id", "manifest", "model_dir",
+            "parent_run_id", "pretrain_run_id", "vae_dir")
+    out = {k: result[k] for k in keys} | {"recipe": result["recipe"],
+                                          "recipe_hash": result["recipe_hash"]}
+    human = _where(result) + "\n" + "\n".join([
+        f"vae       {result['vae_dir']}",
+        f"model     {result['model_dir']}  (pretrain run {result['pretrain_run_id']}, "
+        f"job {result['pretrain_job']})",
+        f"pipeline  MLflow parent run {result['parent_run_id']}"])
+    _emit(out, args.json, human)
+    return 0
 
 
 def cmd_data_flow(args: argparse.Namespace) -> int:
@@ -138,12 +155,12 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="the main job on a recipe (default: tiny)")
+    run = sub.add_parser("run", help="the pipeline on a recipe (default: tiny)")
     run.add_argument("recipe", nargs="?", default="tiny")
     run.add_argument("--repo", help="the DVC repo (default: $LENS_DVC_REPO or the cwd)")
     run.add_argument("--json", action="store_true")
     _overrides(run)
-    run.set_defaults(func=cmd_data_flow)
+    run.set_defaults(func=cmd_run)
 
     data = sub.add_parser("data", help="data flow, ingest and the DVC data stages")
     dsub = data.add_subparsers(dest="data_command", required=True)

@@ -138,7 +138,6 @@ class VaeSection(Section):
     latent_channels: int = Field(32, ge=1)
     downsample: int = Field(8, ge=1, description="pixels per latent cell")
     steps: int = Field(300, ge=1)
-    batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-3, gt=0)
     kl_weight: float = Field(1e-6, ge=0)
 

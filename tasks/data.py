@@ -55,6 +55,16 @@ def merge(tree: dict[str, Any], prepared: list[dict[str, Any]], validated: list[
     return dataset.merge(Recipe.model_validate(tree), prepared, validated, Path(out))
 
 
+@task(name="open-parent-run", version=VERSION)
+def open_parent(tree: dict[str, Any], root: str = ".") -> str:
+    return tracking.open_parent(Recipe.model_validate(tree), cwd=root)
+
+
+@task(name="close-parent-run", version=VERSION)
+def close_parent(run_id: str, summary: dict[str, Any], status: str = "FINISHED") -> None:
+    tracking.close_parent(run_id, summary, status)
+
+
 @task(name="version", version=VERSION)
 def version(root: str) -> dict[str, Any]:
     """dvc commit + push; idempotent, so it runs every time and records the workspace as is."""
@@ -63,10 +73,11 @@ def version(root: str) -> dict[str, Any]:
 
 @task(name="track", version=VERSION)
 def track(tree: dict[str, Any], merged: dict[str, Any], versioned: dict[str, Any],
-          seconds: dict[str, float], out: str, root: str) -> str:
+          seconds: dict[str, float], out: str, root: str, parent_run_id: str = "") -> str:
     """Log the MLflow data run and publish the contract summary as a Prefect artifact."""
     recipe = Recipe.model_validate(tree)
-    run_id = tracking.log_data_run(recipe, merged, versioned, seconds, out, cwd=root)
+    run_id = tracking.log_data_run(recipe, merged, versioned, seconds, out, cwd=root,
+                                   parent_run_id=parent_run_id)
     create_markdown_artifact(key=f"data-contract-{recipe.name}",
                              markdown=Path(merged["summary"]).read_text()
                              + f"\n\nMLflow run: `{run_id}`; DVC hash: `{versioned['dvc_hash']}`\n",

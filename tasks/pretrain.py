@@ -7,14 +7,15 @@ starting over.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import yaml
 from prefect import get_run_logger, task
 
+import mlflow
 from lens import defaults
 from lens_model import atomic
 from lens_model.recipe import Recipe
@@ -22,7 +23,7 @@ from lens_model.train.launch import torchrun_cmd
 from tasks import tracking
 from tasks.launcher import run_streaming
 
-PROGRAM = "lens_model.train.pretrain"
+PROGRAM = Path(importlib.util.find_spec("lens_model.train.pretrain").origin)  # no import
 
 
 def job_name(recipe: Recipe, dvc_hash: str) -> str:
@@ -30,13 +31,16 @@ def job_name(recipe: Recipe, dvc_hash: str) -> str:
 
 
 def command(recipe: Recipe, args: list[str]) -> list[str]:
-    """One process runs the program directly; more go through torchrun (same program)."""
+    """One process runs the program directly; more on this node go through torchrun."""
     launch = recipe.launch
-    if launch.nnodes == 1 and launch.nproc_per_node == 1:
-        return [sys.executable, "-m", PROGRAM, *args]
-    return torchrun_cmd(nproc=launch.nproc_per_node, nnodes=launch.nnodes, node_rank=0,
+    if launch.nnodes > 1:
+        raise ValueError(f"launch.nnodes={launch.nnodes}: a local task runs one node; render a "
+                         f"cluster job with `lens train render {recipe.name} --target k8s|slurm`")
+    if launch.nproc_per_node == 1:
+        return [sys.executable, str(PROGRAM), *args]
+    return torchrun_cmd(nproc_per_node=launch.nproc_per_node, nnodes=1, node_rank=0,
                         master_addr=launch.master_addr, master_port=launch.master_port,
-                        script=["-m", PROGRAM], args=args)
+                        script=PROGRAM, args=args)
 
 
 @task(name="pretrain", retries=1, retry_delay_seconds=5)

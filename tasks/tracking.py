@@ -32,8 +32,9 @@ def flow_run_id() -> str:
 
 
 def lineage(recipe: Recipe, dvc_hash: str, parent_run_id: str = "", cwd: str | Path = ".") -> dict:
-    """The lineage tags every run carries (ARCHITECTURE.md, Conventions)."""
-    return {
+    """The lineage tags every run carries (ARCHITECTURE.md, Conventions); a stage run with a
+    parent is also nested under it in MLflow's UI."""
+    tags = {
         "lens.git_commit": git_commit(cwd),
         "lens.recipe": recipe.name,
         "lens.recipe_hash": recipe.hash(),
@@ -41,6 +42,24 @@ def lineage(recipe: Recipe, dvc_hash: str, parent_run_id: str = "", cwd: str | P
         "lens.prefect_flow_run_id": flow_run_id(),
         "lens.parent_run_id": parent_run_id,
     }
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    return tags
+
+
+def open_parent(recipe: Recipe, cwd: str | Path = ".") -> str:
+    """The pipeline's parent run (its stage runs nest under it); left open until closed."""
+    exp = experiment(recipe.tracking.experiment)
+    run = mlflow.MlflowClient().create_run(exp, run_name=f"pipeline-{recipe.name}", tags=lineage(
+        recipe, "", cwd=cwd) | {"lens.stage": "pipeline"})
+    return run.info.run_id
+
+
+def close_parent(run_id: str, summary: dict[str, Any], status: str = "FINISHED") -> None:
+    client = mlflow.MlflowClient()
+    for key, value in summary.items():
+        client.set_tag(run_id, f"lens.{key}", str(value))
+    client.set_terminated(run_id, status)
 
 
 def experiment(name: str) -> str:
@@ -60,13 +79,14 @@ def experiment(name: str) -> str:
 
 
 def log_data_run(recipe: Recipe, merged: dict[str, Any], version: dict[str, Any],
-                 seconds: dict[str, float], dataset_dir: str | Path, cwd: str | Path = ".") -> str:
+                 seconds: dict[str, float], dataset_dir: str | Path, cwd: str | Path = ".",
+                 parent_run_id: str = "") -> str:
     """One MLflow run for a dataset build: params, counts, reasons, GX report, the dataset."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
     exp = experiment(recipe.tracking.experiment)
-    tags = lineage(recipe, version["dvc_hash"], cwd=cwd) | {
+    tags = lineage(recipe, version["dvc_hash"], parent_run_id, cwd=cwd) | {
         "lens.stage": "data", "lens.dvc_remote": version["remote"],
         "lens.raw_dvc_hash": version["raw_dvc_hash"], "lens.contract_passed":
         str(merged["passed"]).lower()}

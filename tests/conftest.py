@@ -15,6 +15,10 @@ _SESSION = Path(tempfile.mkdtemp(prefix="lens-tests-"))
 for var in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "LENS_DVC_REMOTE", "LENS_DVC_REPO"):
     os.environ.pop(var, None)  # tests never touch a user's servers
 os.environ["LENS_HOME"] = str(_SESSION / "home")
+# DeepSpeed's JIT-built op is pure build output: keep it under the checkout's .lens/ so each
+# session does not pay the ~30 s build again.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR",
+                      str(Path(__file__).resolve().parents[1] / ".lens" / "torch_extensions"))
 
 from lens import defaults  # noqa: E402  (the environment above must be set first)
 

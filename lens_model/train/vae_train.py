@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -169,3 +170,25 @@ def reconstruction_grid(vae: SemanticVAE, images: Tensor, max_images: int = 8) -
     rows = [torch.cat(list(originals.cpu()), dim=2), torch.cat(list(recon), dim=2)]  # (3, H, nW)
     grid = ((torch.cat(rows, dim=1) + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)
     return Image.fromarray(np.ascontiguousarray(grid.permute(1, 2, 0).numpy()))
+
+
+def held_out_images(dataset: str | Path, n: int, size: int) -> Tensor:
+    """The manifest's last ``n`` images, fitted to size x size: (n, 3, size, size) in [-1, 1]."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    from lens_model.buckets import Bucket, fit_to_bucket
+    from lens_model.data import shards
+
+    root = Path(dataset)
+    rows = pq.read_table(root / shards.MANIFEST, columns=["key", "shard"]).to_pylist()[-n:]
+    out = []
+    for row in rows:
+        members = shards.index_shard(root / row["shard"])[row["key"]]
+        ext = next(e for e in shards.DECODED_IMAGE_EXTS if e in members)
+        with open(root / row["shard"], "rb") as fh:
+            img = Image.open(io.BytesIO(shards.read_member(fh, *members[ext]))).convert("RGB")
+        img = fit_to_bucket(img, Bucket(size, size, size))
+        out.append(torch.from_numpy(np.asarray(img, np.float32) / 127.5 - 1).permute(2, 0, 1))
+    return torch.stack(out)

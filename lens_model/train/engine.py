@@ -1,0 +1,355 @@
+"""The DeepSpeed trainer: one engine on every path, from one CPU process to many GPU nodes.
+
+``Trainer(model, loss_fn, config)`` wraps ``model`` in ``deepspeed.initialize`` with a config
+built from ``infra/deepspeed/zero{N}.json`` plus the :class:`TrainConfig` values (AdamW through
+DeepSpeed with ``torch_adam``, gradient clipping, bf16 or fp32), adds a linear warmup then
+constant LR, keeps an fp32 EMA, and checkpoints every ``ckpt_every`` steps. ``fit`` resumes
+from the newest complete checkpoint and continues bit for bit: parameters, optimizer, LR
+schedule, EMA, the batch iterator's position and every RNG stream come back.
+
+Two RNG streams keep resumes exact: the training stream (dropout, noise, timesteps drawn in
+``loss_fn``) and a data stream that is swapped in while the batch iterator runs, so a loader
+that draws from the global RNGs (``torch.utils.data.DataLoader`` does when it starts) does not
+shift the training stream. Both are saved per rank.
+
+Launch (the same script everywhere)::
+
+    python train.py ...                                          # one process (gloo on CPU)
+    python -m torch.distributed.run --nproc_per_node 8 train.py  # one node
+    python -m torch.distributed.run --nnodes 2 --node_rank R --nproc_per_node 8 \\
+        --master_addr HOST --master_port 29500 train.py          # several nodes
+
+``DS_ACCELERATOR=cpu`` runs on CPU with gloo (DeepSpeed's CPU accelerator picks gloo when
+oneCCL is not installed); its first initialize JIT-builds ``deepspeed_shm_comm`` into
+``$TORCH_EXTENSIONS_DIR``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from lens_model.train import checkpoint
+from lens_model.train.checkpoint import RngState
+from lens_model.train.ema import EMA
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+OnStep = Callable[[int, dict[str, float]], None]
+_END = object()  # what next() returns once the batch iterator is exhausted
+_DIST_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
+
+
+def ds_config_dir() -> Path:
+    """Where ``zero{0,1,2,3}.json`` live: ``$LENS_DS_CONFIG_DIR`` or ``infra/deepspeed``."""
+    env = os.environ.get("LENS_DS_CONFIG_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "infra" / "deepspeed"
+
+
+@dataclass
+class TrainConfig:
+    """What the trainer needs; field names follow the recipe's ``pretrain`` section."""
+
+    lr: float = 2e-4
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
+    zero_stage: int = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    grad_checkpointing: bool = False
+    ema_decay: float | None = 0.999  # None: no EMA
+    ckpt_every: int = 1000
+    keep_last: int = 3
+    ckpt_dir: str | Path | None = None  # None: no checkpoints, no resume
+    seed: int = 0
+    resume: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.lr > 0, "lr", "must be > 0"),
+            (self.warmup_steps >= 0, "warmup_steps", "must be >= 0"),
+            (self.weight_decay >= 0, "weight_decay", "must be >= 0"),
+            (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",
+             "must be two numbers in [0, 1)"),
+            (self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 turns clipping off)"),
+            (self.zero_stage in (0, 1, 2, 3), "zero_stage", "must be 0, 1, 2 or 3"),
+            (self.precision in ("fp32", "bf16"), "precision", "must be 'fp32' or 'bf16'"),
+            (self.ema_decay is None or 0 <= self.ema_decay < 1, "ema_decay",
+             "must be in [0, 1) or None"),
+            (self.ckpt_every >= 1, "ckpt_every", "must be >= 1"),
+            (self.keep_last >= 1, "keep_last", "must be >= 1"),
+        ]
+        for ok, name, rule in checks:
+            if not ok:
+                raise ValueError(f"TrainConfig.{name} {rule}, got {getattr(self, name)!r}")
+        if self.zero_stage == 3 and self.ema_decay is not None:
+            raise ValueError("TrainConfig: EMA needs full parameters on each rank, which ZeRO-3 "
+                             "does not keep; use zero_stage <= 2 or ema_decay=None")
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``over``, nested dicts merged key by key."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def build_ds_config(config: TrainConfig, overrides: dict[str, Any] | None = None
+                    ) -> dict[str, Any]:
+    """``zero{stage}.json`` with ``config``'s optimizer, clipping and precision, then overrides."""
+    path = ds_config_dir() / f"zero{config.zero_stage}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"DeepSpeed config {path} is missing; restore infra/deepspeed or "
+                                f"point LENS_DS_CONFIG_DIR at a folder with zero0..zero3.json")
+    base = json.loads(path.read_text())
+    owned = {
+        "zero_optimization": {"stage": config.zero_stage},
+        "gradient_clipping": float(config.grad_clip),
+        "bf16": {"enabled": config.precision == "bf16"},
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": config.lr, "betas": list(config.betas), "weight_decay": config.weight_decay,
+            "torch_adam": True, "adam_w_mode": True}},
+    }
+    return _merge(_merge(base, owned), overrides or {})
+
+
+def _check_agrees(ds: dict[str, Any], config: TrainConfig) -> None:
+    """Refuse a DeepSpeed config that contradicts the TrainConfig on what the latter owns."""
+    want = build_ds_config(config)
+    # DeepSpeed's value when the key is absent (None: it has no default, the key is needed)
+    paths = {("zero_optimization", "stage"): 0, ("gradient_clipping",): 0.0,
+             ("bf16", "enabled"): False, ("optimizer", "type"): None,
+             ("optimizer", "params", "lr"): None, ("optimizer", "params", "betas"): None,
+             ("optimizer", "params", "weight_decay"): None}
+    for keys, default in paths.items():
+        got, exp = ds, want
+        for k in keys:
+            got = got.get(k) if isinstance(got, dict) else None
+            exp = exp[k]
+        got = default if got is None else got
+        if got is not None and isinstance(exp, list):
+            got = list(got)
+        if got != exp:
+            raise ValueError(f"ds_config {'.'.join(keys)} = {got!r} contradicts the TrainConfig "
+                             f"({exp!r}); set it in TrainConfig, or build the dict with "
+                             f"build_ds_config(config, overrides)")
+    if ds.get("fp16", {}).get("enabled"):
+        raise ValueError("ds_config fp16.enabled: the trainer supports fp32 and bf16 only; "
+                         "set TrainConfig.precision='bf16'")
+    if "scheduler" in ds:
+        raise ValueError("ds_config has a 'scheduler'; the trainer sets warmup-then-constant "
+                         "from TrainConfig.warmup_steps, so remove it")
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the launcher's process group (env://), or make a one-process world; (rank, size).
+
+    A launcher (torchrun, deepspeed) sets RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT and
+    LOCAL_RANK. Without them this is one process: its group needs no rendezvous, so it is
+    built on an in-memory store, with no port to pick and nothing left in the environment for
+    child processes to trip over (LOCAL_RANK=0 is set, as DeepSpeed's engine reads it).
+    """
+    import deepspeed
+
+    if not dist.is_initialized():
+        present = [k for k in _DIST_ENV if k in os.environ]
+        if "WORLD_SIZE" in os.environ:
+            missing = [k for k in _DIST_ENV if k not in os.environ]
+            if missing:
+                raise RuntimeError(f"WORLD_SIZE is set but {', '.join(missing)} is not; launch "
+                                   f"with torchrun/deepspeed, or unset {', '.join(present)} "
+                                   f"to run as one process")
+            deepspeed.init_distributed()
+        else:
+            from deepspeed.accelerator import get_accelerator
+
+            os.environ.setdefault("LOCAL_RANK", "0")
+            backend = get_accelerator().communication_backend_name()
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def seed_everything(seed: int, rank: int = 0, stream: int = 0) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) from (seed, rank, stream), distinct per rank."""
+    py, npy, th = np.random.SeedSequence([seed, rank, stream]).generate_state(3)
+    random.seed(int(py))
+    np.random.seed(int(npy))
+    torch.manual_seed(int(th))
+
+
+def warmup_then_constant(warmup_steps: int) -> Callable[[int], float]:
+    """LR multiplier: (k + 1) / warmup for the first ``warmup_steps`` steps, then 1."""
+    return lambda k: min(1.0, (k + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+class Trainer:
+    """Trains ``model`` on ``loss_fn(engine, batch)`` through a DeepSpeed engine.
+
+    ``loss_fn`` gets the engine (an ``nn.Module`` that forwards to ``model``; attributes
+    pass through) and a batch; it moves the batch to ``trainer.device`` and returns a
+    scalar loss. In bf16 the loss runs under ``torch.autocast(bfloat16)``, so float32 inputs
+    meet bf16 weights safely.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, config: TrainConfig,
+                 ds_config: dict[str, Any] | None = None) -> None:
+        import deepspeed
+
+        self.config, self.loss_fn = config, loss_fn
+        ds = build_ds_config(config) if ds_config is None else ds_config
+        _check_agrees(ds, config)
+        if config.grad_checkpointing:
+            if not hasattr(model, "enable_gradient_checkpointing"):
+                raise ValueError(f"TrainConfig.grad_checkpointing is on but "
+                                 f"{type(model).__name__} has no enable_gradient_checkpointing()"
+                                 f"; turn it off or give the model that method")
+            model.enable_gradient_checkpointing()
+        start = time.perf_counter()
+        self.rank, self.world_size = init_distributed()
+        seed_everything(config.seed, self.rank, stream=1)
+        self._data_rng = RngState.capture(cuda=False)
+        seed_everything(config.seed, self.rank, stream=0)
+        self.engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=ds, lr_scheduler=lambda opt: LambdaLR(
+                opt, warmup_then_constant(config.warmup_steps)))
+        self.init_s = time.perf_counter() - start  # process group + deepspeed.initialize
+        self.device: torch.device = self.engine.device
+        self.accum = int(self.engine.gradient_accumulation_steps())
+        self.ema = EMA(self.engine.module, config.ema_decay) \
+            if config.ema_decay is not None else None
+        self.step = 0
+        self.resumed_from: Path | None = None
+        self._restored = False
+        self._saved_step: int | None = None
+
+    @property
+    def module(self) -> nn.Module:
+        """The trained model itself (ZeRO 0-2: full weights on every rank)."""
+        return self.engine.module
+
+    @contextmanager
+    def _data_stream(self) -> Iterator[None]:
+        """Run the batch iterator on the data RNG stream, leaving the training stream alone."""
+        train = RngState.capture(cuda=False)
+        self._data_rng.restore()
+        try:
+            yield
+        finally:
+            self._data_rng = RngState.capture(cuda=False)
+            train.restore()
+
+    def _stateful(self, batches: Any) -> None:
+        for name in ("state_dict", "load_state_dict"):
+            if not callable(getattr(batches, name, None)):
+                raise TypeError(f"checkpointing needs a batch source with state_dict() and "
+                                f"load_state_dict() (like PackedLoader); {type(batches).__name__}"
+                                f" has no {name}()")
+
+    def restore(self, batches: Any) -> int:
+        """Resume from the newest checkpoint in ``ckpt_dir`` if any (once); returns the step."""
+        if self._restored:
+            return self.step
+        self._restored = True
+        cfg = self.config
+        path = checkpoint.latest(cfg.ckpt_dir) if cfg.ckpt_dir and cfg.resume else None
+        if path is None:
+            return self.step
+        self._stateful(batches)
+        got = checkpoint.load(path, self.engine, self.ema)
+        batches.load_state_dict(got.loader_state)
+        got.rng["train"].restore()
+        self._data_rng = got.rng.get("data", self._data_rng)
+        self.step, self.resumed_from, self._saved_step = got.step, path, got.step
+        return self.step
+
+    def save(self, batches: Any) -> Path:
+        """Checkpoint now (every rank calls it): engine, EMA, loader state, step, RNG."""
+        if self.config.ckpt_dir is None:
+            raise ValueError("TrainConfig.ckpt_dir is None; set it to save checkpoints")
+        self._stateful(batches)
+        rng = {"train": RngState.capture(), "data": self._data_rng}
+        path = checkpoint.save(self.config.ckpt_dir, self.step, self.engine, self.ema,
+                               batches.state_dict(), rng, self.config.keep_last,
+                               meta={"zero_stage": self.config.zero_stage,
+                                     "precision": self.config.precision})
+        self._saved_step = self.step
+        return path
+
+    def _loss(self, batch: Any) -> Tensor:
+        bf16 = self.config.precision == "bf16"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = self.loss_fn(self.engine, batch)
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            raise TypeError(f"loss_fn must return a scalar tensor, got "
+                            f"{type(loss).__name__} {getattr(loss, 'shape', '')}")
+        return loss
+
+    def fit(self, batches: Iterable[Any], steps: int, on_step: OnStep | None = None) -> int:
+        """Train until ``steps`` optimizer steps in total (resumed ones count); returns the step.
+
+        Each step takes ``gradient_accumulation_steps`` batches. ``on_step(step, metrics)``
+        runs on every rank after each step; metrics hold the loss averaged over ranks and
+        micro-batches, the LR used, the step time and the grad norm when DeepSpeed reports it
+        (ZeRO 1-3 and bf16 do). With ``ckpt_dir`` set, a checkpoint is written every
+        ``ckpt_every`` steps and once more at the end if the last step was not saved.
+        """
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, got {steps}")
+        cfg = self.config
+        if cfg.ckpt_dir is not None:
+            self._stateful(batches)
+        self.restore(batches)
+        self.engine.train()
+        with self._data_stream():
+            stream = iter(batches)
+        while self.step < steps:
+            start = time.perf_counter()
+            lr = float(self.engine.get_lr()[0])
+            total = torch.zeros((), device=self.device)
+            for _ in range(self.accum):
+                with self._data_stream():
+                    batch = next(stream, _END)
+                if batch is _END:
+                    raise RuntimeError(f"the batch iterator ran out at step {self.step}; give "
+                                       f"an endless one (PackedLoader is) or train fewer steps")
+                loss = self._loss(batch)
+                self.engine.backward(loss)
+                self.engine.step()
+                total += loss.detach().float()
+            self.step += 1
+            if self.ema is not None:
+                self.ema.update(self.engine.module)
+            if self.world_size > 1:
+                dist.all_reduce(total)
+            metrics = {"loss": total.item() / (self.accum * self.world_size), "lr": lr,
+                       "step_s": time.perf_counter() - start}
+            norm = self.engine.get_global_grad_norm()
+            if norm is not None:
+                metrics["grad_norm"] = float(norm)
+            if on_step is not None:
+                on_step(self.step, metrics)
+            if cfg.ckpt_dir is not None and self.step % cfg.ckpt_every == 0:
+                self.save(batches)
+        if cfg.ckpt_dir is not None and self.step > 0 and self._saved_step != self.step:
+            self.save(batches)
+        return self.step
+

@@ -1,0 +1,325 @@
+"""Lens pretraining: rectified flow on packed mixed-resolution batches, through DeepSpeed.
+
+The same program runs the tiny recipe on one CPU and the paper's recipe on GPU nodes::
+
+    python lens_model/train/pretrain.py --params RUN/recipe.yaml --dataset DATA --vae VAE --run RUN
+    python -m torch.distributed.run --nproc_per_node 8 lens_model/train/pretrain.py ...  # a node
+    python -m torch.distributed.run --nnodes 16 --node_rank R --nproc_per_node 8 \\
+        --master_addr HOST --master_port 29500 lens_model/train/pretrain.py ...          # cluster
+
+It resumes from the newest checkpoint in ``RUN/checkpoints`` by itself. Rank 0 appends
+events (metrics, sample grids, checkpoints, the final model) to ``RUN/events.jsonl``; the
+platform's Prefect task streams them to MLflow. Text features and VAE latents come from the
+feature cache (``pretrain.features: cached``: built once per shard before training) or are
+computed in the step (``online``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+import yaml
+from PIL import Image
+from safetensors.torch import save_file
+from torch import Tensor
+
+from lens_model import atomic
+from lens_model.buckets import buckets_for, fit_to_bucket
+from lens_model.config import get_preset
+from lens_model.data import shards
+from lens_model.data.captions import long_caption
+from lens_model.data.loader import Batch, PackedLoader
+from lens_model.data.world import render, sample_scene
+from lens_model.denoiser import LensDenoiser, sample_latents
+from lens_model.features import FeatureCache
+from lens_model.flops import train_step_flops
+from lens_model.flow_matching import add_noise, per_token, sample_timesteps, shift_mu, velocity_loss
+from lens_model.packing import pack_tokens
+from lens_model.recipe import Recipe
+from lens_model.text_encoder import LanguageEncoder
+from lens_model.train.engine import TrainConfig, Trainer
+from lens_model.train.ledger import ComputeLedger
+from lens_model.transformer import LensTransformer2DModel, pack_text, patchify
+from lens_model.vae import SemanticVAE
+
+EVENTS = "events.jsonl"
+TEXT_MULTIPLE = 16  # packed text length rounds up to this, so shapes repeat across steps
+GRID_SEED, GRID_PROMPTS, GRID_STEPS, GRID_CFG = 1234, 4, 20, 4.0
+
+
+def read_recipe(path: str | Path) -> Recipe:
+    return Recipe.model_validate(yaml.safe_load(Path(path).read_text()))
+
+
+def _rank_world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class Events:
+    """Rank 0's event log (one JSON object per line, appended and flushed)."""
+
+    def __init__(self, run: Path, rank: int) -> None:
+        self.path, self.rank = run / EVENTS, rank
+
+    def emit(self, **event: Any) -> None:
+        if self.rank == 0:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(event, default=float) + "\n")
+
+
+def _manifest(dataset: Path) -> dict[str, list]:
+    table = pq.read_table(dataset / shards.MANIFEST, columns=["key", "shard", "caption", "bucket"])
+    return table.to_pydict()
+
+
+def _image(data: bytes, bucket: str) -> Tensor:
+    """Decode, fit to the bucket, scale to [-1, 1]: (3, h, w)."""
+    w, h = (int(v) for v in bucket.split("x"))
+    from lens_model.buckets import Bucket
+
+    img = fit_to_bucket(Image.open(io.BytesIO(data)).convert("RGB"), Bucket(w, h, 0))
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+
+
+def build_feature_cache(cache: FeatureCache, dataset: Path, encoder: LanguageEncoder,
+                        vae: SemanticVAE, batch: int = 32) -> None:
+    """Text hidden states and VAE latents of every manifest row, one file per shard."""
+    rows = _manifest(dataset)
+    by_shard: dict[str, list[int]] = {}
+    for i, shard in enumerate(rows["shard"]):
+        by_shard.setdefault(shard, []).append(i)
+    for shard, idx in sorted(by_shard.items()):
+        name = Path(shard).name
+        if cache.has(name):
+            continue
+        members = shards.index_shard(dataset / shard)
+        samples = []
+        with open(dataset / shard, "rb") as fh:
+            for start in range(0, len(idx), batch):
+                part = idx[start:start + batch]
+                keys = [rows["key"][i] for i in part]
+                hidden, mask = encoder.hidden([rows["caption"][i] for i in part])
+                for j, (key, i) in enumerate(zip(keys, part, strict=True)):
+                    ext = next(e for e in shards.DECODED_IMAGE_EXTS if e in members[key])
+                    img = _image(shards.read_member(fh, *members[key][ext]), rows["bucket"][i])
+                    latent = vae.encode_latent(img[None])[0]  # (C, h, w)
+                    n = int(mask[j].sum())
+                    samples.append((key, hidden[j, :n].clone(), mask[j, :n].clone(), latent))
+        cache.build_shard(name, samples)
+
+
+class LossFn:
+    """Packs a loader batch into one row and returns the rectified-flow velocity loss."""
+
+    def __init__(self, recipe: Recipe, features: dict[str, tuple[Tensor, Tensor, Tensor]] | None,
+                 encoder: LanguageEncoder, vae: SemanticVAE, patch: int) -> None:
+        self.recipe, self.features, self.encoder, self.vae, self.patch = (
+            recipe, features, encoder, vae, patch)
+        p = recipe.pretrain
+        self.mu = {"base_tokens": p.mu_base_tokens, "base_mu": p.mu_base,
+                   "max_tokens": p.mu_max_tokens, "max_mu": p.mu_max}
+        self.last: dict[str, list[int]] = {"img": [], "txt": []}
+
+    def _inputs(self, batch: Batch) -> tuple[list[Tensor], list[Tensor]]:
+        """Latents (C, h, w) and unpadded text hidden states (T, L*D) per sample."""
+        if self.features is not None:
+            got = [self.features[k] for k in batch.keys]
+            return [g[2] for g in got], [g[0] for g in got]
+        with torch.no_grad():
+            hidden, mask = self.encoder.hidden(batch.captions)
+            latents = [self.vae.encode_latent(img[None])[0] for img in batch.images]
+        return latents, [hidden[i, :int(mask[i].sum())] for i in range(len(batch.keys))]
+
+    def __call__(self, engine: Any, batch: Batch) -> Tensor:
+        latents, texts = self._inputs(batch)
+        device = engine.device if hasattr(engine, "device") else torch.device("cpu")
+        tokens = [patchify(z[None], self.patch)[0] for z in latents]  # (N_i, 4C)
+        grids = [(z.shape[1] // self.patch, z.shape[2] // self.patch) for z in latents]
+        budget = self.recipe.loader.token_budget
+        x0, seq = pack_tokens(tokens, grids, budget)  # (budget, 4C)
+        texts = [t if len(t) else t.new_zeros((1, t.shape[-1])) for t in texts]
+        lt = sum(len(t) for t in texts)
+        txt, txt_seg, txt_pos = pack_text(texts, -(-lt // TEXT_MULTIPLE) * TEXT_MULTIPLE)
+        counts = torch.tensor([len(t) for t in tokens])
+        p = self.recipe.pretrain
+        t = sample_timesteps(counts, mean=p.timestep_mean, std=p.timestep_std,
+                             shift_rule=lambda n: shift_mu(n, **self.mu))  # (S,)
+        noise = torch.randn_like(x0)
+        xt = add_noise(x0, noise, per_token(t, seq.segment_ids))
+        self.last = {"img": [len(x) for x in tokens], "txt": [len(x) for x in texts]}
+        pred = engine(xt[None].to(device), txt[None].to(device), t[None].to(device),
+                      seq.segment_ids[None].to(device), txt_seg[None].to(device),
+                      seq.position_ids[None].to(device), txt_pos[None].to(device))
+        return velocity_loss(pred[0], (noise - x0).to(device), segment_ids=seq.segment_ids.to(
+            device))
+
+
+def grid_prompts(recipe: Recipe) -> list[tuple[str, Image.Image]]:
+    """Fixed prompts (long captions of fixed scenes) with their ground-truth renders."""
+    import random
+
+    rng = random.Random(GRID_SEED)
+    size = min(recipe.buckets.base_sizes)
+    out = []
+    for _ in range(GRID_PROMPTS):
+        scene = sample_scene(rng, recipe.data.min_objects, recipe.data.max_objects)
+        out.append((long_caption(scene, size, size, rng), render(scene, size, size)))
+    return out
+
+
+@torch.no_grad()
+def sample_grid(denoiser: LensDenoiser, encoder: LanguageEncoder, vae: SemanticVAE,
+                recipe: Recipe, size: int) -> Image.Image:
+    """Ground truth (top) above samples (bottom) for the fixed prompts, fixed seed."""
+    prompts = grid_prompts(recipe)
+    cond = encoder.hidden([p for p, _ in prompts])
+    uncond = encoder.hidden([""] * len(prompts))
+    f, c = vae.downsample, vae.latent_channels
+    was_training = denoiser.training
+    denoiser.eval()
+    z = sample_latents(denoiser, cond, uncond, (len(prompts), c, size // f, size // f),
+                       GRID_STEPS, GRID_CFG, torch.Generator().manual_seed(GRID_SEED),
+                       {"base_tokens": recipe.pretrain.mu_base_tokens,
+                        "base_mu": recipe.pretrain.mu_base,
+                        "max_tokens": recipe.pretrain.mu_max_tokens,
+                        "max_mu": recipe.pretrain.mu_max})
+    denoiser.train(was_training)
+    images = ((vae.decode_latent(z).clamp(-1, 1) + 1) * 127.5).round().byte()  # (B, 3, H, W)
+    grid = Image.new("RGB", (size * len(prompts), size * 2), "white")
+    for i, (_, truth) in enumerate(prompts):
+        grid.paste(truth, (i * size, 0))
+        grid.paste(Image.fromarray(images[i].permute(1, 2, 0).cpu().numpy()), (i * size, size))
+    return grid
+
+
+def save_final(run: Path, denoiser: LensDenoiser, recipe: Recipe, vae_dir: str,
+               step: int) -> Path:
+    """The EMA model as a folder: transformer (diffusers), connector (safetensors), lens.json."""
+    final = run / "final"
+    tmp = run / ".final.tmp"
+    denoiser.transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
+    save_file({k: v.contiguous() for k, v in denoiser.connector.state_dict().items()},
+              str(tmp / "connector.safetensors"))
+    atomic.write_json(tmp / "lens.json", {
+        "recipe": recipe.name, "recipe_hash": recipe.hash(), "step": step, "vae": vae_dir,
+        "text_encoder": recipe.text_encoder.model_dump(mode="json")})
+    if final.exists():
+        import shutil
+
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", required=True, help="the resolved recipe (YAML)")
+    ap.add_argument("--dataset", required=True, help="dataset dir with manifest.parquet")
+    ap.add_argument("--vae", required=True, help="SemanticVAE folder")
+    ap.add_argument("--run", required=True, help="run dir: checkpoints, events, final model")
+    ap.add_argument("--features", default=None, help="feature cache root (default RUN/..)")
+    args = ap.parse_args(argv)
+    recipe, run, dataset = read_recipe(args.params), Path(args.run), Path(args.dataset)
+    run.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, _rank_world()[1])))
+    p, te = recipe.pretrain, recipe.text_encoder
+    vae = SemanticVAE.from_pretrained(args.vae).eval()
+    if vae.token_px != recipe.buckets.token_px:
+        raise ValueError(f"the VAE gives {vae.token_px} px per token but buckets.token_px is "
+                         f"{recipe.buckets.token_px}; make them agree in the recipe")
+    cfg = get_preset(recipe.model.preset, in_channels=vae.latent_channels)
+    encoder = LanguageEncoder.from_spec(te.path, list(te.layers), cfg.text_dim or cfg.width,
+                                        te.max_length)
+    transformer = LensTransformer2DModel.from_preset(recipe.model.preset,
+                                                     in_channels=vae.latent_channels)
+    denoiser = LensDenoiser(transformer, encoder.connector)
+
+    features = None
+    rank, world = _rank_world()
+    if p.features == "cached":
+        cache = FeatureCache(Path(args.features or run.parent.parent / "features"),
+                             encoder.identity(), vae.identity())
+        if rank == 0:
+            build_feature_cache(cache, dataset, encoder, vae)
+        if world > 1:
+            if not dist.is_initialized():
+                from lens_model.train.engine import init_distributed
+
+                init_distributed()
+            dist.barrier()
+        features = {}
+        for shard in sorted({Path(s).name for s in _manifest(dataset)["shard"]}):
+            features.update(cache.load(shard))
+
+    loss_fn = LossFn(recipe, features, encoder, vae, cfg.patch_size)
+    config = TrainConfig(lr=p.lr, warmup_steps=p.warmup_steps, weight_decay=p.weight_decay,
+                         betas=tuple(p.betas), grad_clip=p.grad_clip, zero_stage=p.zero_stage,
+                         precision=p.precision, grad_checkpointing=p.grad_checkpointing,
+                         ema_decay=p.ema_decay, ckpt_every=p.ckpt_every, keep_last=p.keep_last,
+                         ckpt_dir=run / "checkpoints", seed=recipe.seed)
+    trainer = Trainer(denoiser, loss_fn, config)
+    loader = PackedLoader(dataset, buckets_for(recipe.buckets), recipe.buckets.token_px,
+                          recipe.loader.token_budget, recipe.seed, trainer.rank,
+                          trainer.world_size, recipe.loader.num_workers,
+                          recipe.loader.shuffle_buffer)
+    events = Events(run, trainer.rank)
+    device = recipe.launch.gpu_type if recipe.launch.device == "cuda" else "cpu"
+    ledger = ComputeLedger(device, trainer.world_size)
+    events.emit(step=trainer.step, metrics={"model/params": float(sum(
+        x.numel() for x in denoiser.parameters())), "compute/deepspeed_init_s": trainer.init_s})
+
+    def on_step(step: int, metrics: dict[str, float]) -> None:
+        flops = train_step_flops(cfg, loss_fn.last["img"], loss_fn.last["txt"],
+                                 recompute=p.grad_checkpointing)
+        counts = torch.tensor([flops, sum(loss_fn.last["img"]), len(loss_fn.last["img"])],
+                              dtype=torch.float64)
+        if trainer.world_size > 1:
+            dist.all_reduce(counts)
+        ledger.step(float(counts[0]), int(counts[1]), int(counts[2]), metrics["step_s"])
+        if step % p.log_every == 0 or step == p.steps:
+            events.emit(step=step, metrics={**{f"train/{k}": v for k, v in metrics.items()},
+                                            **ledger.metrics()})
+        if step % p.sample_every == 0 or step == p.steps:
+            _sample(step)
+        if step % p.ckpt_every == 0:
+            events.emit(step=step, checkpoint=f"checkpoints/step-{step:08d}")
+
+    def _sample(step: int) -> None:
+        if trainer.rank != 0:
+            return
+        with trainer.ema.swap(trainer.module) if trainer.ema else _nullcontext():
+            grid = sample_grid(trainer.module, encoder, vae, recipe, min(recipe.buckets.base_sizes))
+        rel = f"samples/step-{step:08d}.png"
+        (run / "samples").mkdir(exist_ok=True)
+        atomic.write_with(run / rel, lambda tmp: grid.save(tmp, format="PNG"))
+        events.emit(step=step, artifact=rel)
+
+    start = time.perf_counter()
+    step = trainer.fit(loader, p.steps, on_step)
+    if trainer.rank == 0:
+        with trainer.ema.swap(trainer.module) if trainer.ema else _nullcontext():
+            final = save_final(run, trainer.module, recipe, args.vae, step)
+        events.emit(step=step, final={"model_dir": str(final), "steps": step,
+                                      "train_seconds": time.perf_counter() - start})
+    return 0
+
+
+def _nullcontext() -> Callable[[], Any]:
+    from contextlib import nullcontext
+
+    return nullcontext()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,64 @@
+"""The VAE stage: train the recipe's small semantic VAE on the dataset, or use a pretrained one."""
+
+from __future__ import annotations
+
+import hashlib
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+
+import mlflow
+from lens import defaults
+from lens_model.buckets import buckets_for
+from lens_model.data.loader import PackedLoader
+from lens_model.recipe import Recipe
+from lens_model.train.vae_train import held_out_images, reconstruction_grid, train_vae
+from lens_model.vae import SemanticVAE
+from tasks import tracking
+
+HELD_OUT = 32
+
+
+@task(name="vae", cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
+def vae_stage(tree: dict[str, Any], dataset: str, dvc_hash: str, parent_run_id: str = "") -> str:
+    """The VAE folder to use: the recipe's pretrained path, or one trained here (cached)."""
+    recipe = Recipe.model_validate(tree)
+    v = recipe.vae
+    if v.source == "pretrained":
+        if not Path(str(v.path)).is_dir():
+            raise FileNotFoundError(f"vae.path {v.path!r} is not a local folder; download the "
+                                    f"AutoencoderKLFlux2 there or set vae.source=train")
+        return str(v.path)
+    logger = get_run_logger()
+    out = defaults.lens_home() / "vae" / f"{recipe.name}-{dvc_hash[:8]}-{_vae_key(recipe)}"
+    vae = SemanticVAE.tiny(latent_channels=v.latent_channels, downsample=v.downsample)
+    loader = PackedLoader(dataset, buckets_for(recipe.buckets), recipe.buckets.token_px,
+                          recipe.loader.token_budget, recipe.seed, num_workers=0,
+                          shuffle_buffer=recipe.loader.shuffle_buffer)
+    held_out = held_out_images(dataset, HELD_OUT, max(recipe.buckets.base_sizes))
+    exp = tracking.experiment(recipe.tracking.experiment)
+    tags = tracking.lineage(recipe, dvc_hash, parent_run_id) | {"lens.stage": "vae"}
+    with mlflow.start_run(experiment_id=exp, run_name=f"vae-{recipe.name}", tags=tags):
+        mlflow.log_params({f"vae.{k}": val for k, val in v.model_dump(mode="json").items()})
+
+        def log(step: int, metrics: dict) -> None:
+            mlflow.log_metrics({f"vae/{k}": float(x) for k, x in metrics.items()}, step=step)
+            logger.info(f"vae step {step}: {metrics}")
+
+        metrics = train_vae(lambda: islice(iter(loader), v.steps), vae, v.steps, lr=v.lr,
+                            kl_weight=v.kl_weight, log=log, held_out=held_out, seed=recipe.seed)
+        mlflow.log_metrics({"vae/psnr": metrics["psnr"], "vae/psnr_before":
+                            metrics["psnr_before"], "vae/seconds": metrics["seconds"]})
+        mlflow.log_image(reconstruction_grid(vae, held_out), "vae/reconstructions.png")
+        vae.save_pretrained(out)
+        mlflow.set_tag("lens.vae_dir", str(out))
+    logger.info(f"VAE: PSNR {metrics['psnr_before']:.2f} -> {metrics['psnr']:.2f} dB, {out}")
+    return str(out)
+
+
+def _vae_key(recipe: Recipe) -> str:
+    """Short stable hash of the VAE section: a changed setting trains into a new folder."""
+    return hashlib.sha256(recipe.vae.model_dump_json().encode()).hexdigest()[:8]

@@ -1,0 +1,347 @@
+"""DeepSpeed trainer, EMA and checkpoints: exact resume in one and two processes and two nodes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from lens_model.train import checkpoint
+from lens_model.train.checkpoint import RngState
+from lens_model.train.ema import EMA
+from lens_model.train.engine import (
+    TrainConfig,
+    Trainer,
+    build_ds_config,
+    warmup_then_constant,
+)
+from lens_model.train.launch import torchrun_cmd
+from tests.ds_worker import RandomBatches, TinyNet, config, final_state, mse_loss, run
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = REPO / "tests" / "ds_worker.py"
+STEPS = 8
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=key)
+
+
+# --- configuration (no DeepSpeed engine) ----------------------------------------------------
+
+def test_ds_config_fills_the_stage_template_then_overrides() -> None:
+    cfg = TrainConfig(lr=1e-3, betas=(0.8, 0.95), weight_decay=0.1, grad_clip=0.7,
+                      zero_stage=2, precision="bf16")
+    ds = build_ds_config(cfg, {"gradient_accumulation_steps": 4,
+                               "zero_optimization": {"reduce_bucket_size": 1000}})
+    assert ds["zero_optimization"]["stage"] == 2
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 1000
+    assert ds["zero_optimization"]["overlap_comm"] is True  # kept from zero2.json
+    assert ds["optimizer"] == {"type": "AdamW", "params": {
+        "lr": 1e-3, "betas": [0.8, 0.95], "eps": 1e-8, "weight_decay": 0.1,
+        "torch_adam": True, "adam_w_mode": True}}
+    assert ds["gradient_clipping"] == 0.7 and ds["bf16"] == {"enabled": True}
+    assert ds["gradient_accumulation_steps"] == 4 and "scheduler" not in ds
+    for stage in range(4):
+        got = build_ds_config(TrainConfig(zero_stage=stage, ema_decay=None))
+        assert got["zero_optimization"]["stage"] == stage
+        assert got["bf16"] == {"enabled": False} and got["gradient_accumulation_steps"] == 1
+
+
+@pytest.mark.parametrize("field,value", [("lr", 0.0), ("zero_stage", 4), ("precision", "fp16"),
+                                         ("ema_decay", 1.0), ("betas", (0.9, 1.2)),
+                                         ("keep_last", 0), ("ckpt_every", 0)])
+def test_train_config_names_the_bad_field(field: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=f"TrainConfig.{field}"):
+        TrainConfig(**{field: value})
+
+
+def test_zero3_with_ema_is_refused() -> None:
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        TrainConfig(zero_stage=3, ema_decay=0.99)
+
+
+def test_contradicting_ds_config_and_missing_method_are_refused() -> None:
+    cfg = TrainConfig(lr=1e-3)
+    with pytest.raises(ValueError, match="optimizer.params.lr"):
+        Trainer(TinyNet(), mse_loss, cfg, build_ds_config(TrainConfig(lr=5e-4)))
+    with pytest.raises(ValueError, match="zero_optimization.stage"):
+        Trainer(TinyNet(), mse_loss, cfg, build_ds_config(cfg, {"zero_optimization": {
+            "stage": 1}}))
+    with pytest.raises(ValueError, match="scheduler"):
+        Trainer(TinyNet(), mse_loss, cfg, build_ds_config(cfg, {"scheduler": {
+            "type": "WarmupLR"}}))
+    with pytest.raises(ValueError, match="enable_gradient_checkpointing"):
+        Trainer(nn.Linear(2, 2), mse_loss, TrainConfig(grad_checkpointing=True))
+
+
+def test_warmup_is_linear_from_the_first_step_then_constant() -> None:
+    f = warmup_then_constant(4)
+    assert [f(k) for k in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert warmup_then_constant(0)(0) == 1.0
+
+
+# --- EMA -------------------------------------------------------------------------------------
+
+def test_ema_follows_the_closed_form_and_skips_frozen_params() -> None:
+    model = nn.Sequential(nn.Linear(3, 2), nn.LayerNorm(2))
+    model[1].weight.requires_grad_(False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(1.0)
+    ema = EMA(model, decay=0.75)
+    assert "1.weight" not in ema.shadow and ema.shadow["0.weight"].dtype == torch.float32
+    for value in (3.0, 5.0):
+        with torch.no_grad():
+            model[0].weight.fill_(value)
+        ema.update(model)
+    # 1 -> 0.75 * 1 + 0.25 * 3 = 1.5 -> 0.75 * 1.5 + 0.25 * 5 = 2.375
+    assert torch.all(ema.shadow["0.weight"] == 2.375) and ema.updates == 2
+
+
+def test_ema_swap_restores_and_file_round_trips(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = TinyNet().to(torch.bfloat16)
+    ema = EMA(model, decay=0.5)
+    trained = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    with ema.swap(model) as swapped:
+        for name, p in swapped.named_parameters():
+            assert torch.equal(p, ema.shadow[name].to(torch.bfloat16))
+    for name, p in model.named_parameters():
+        assert torch.equal(p, trained[name] + 1.0)
+    ema.save(tmp_path / "ema.safetensors")
+    other = EMA(TinyNet(), decay=0.1)
+    other.load(tmp_path / "ema.safetensors")
+    assert other.decay == 0.5 and other.updates == 1
+    _same(other.shadow, ema.shadow)
+    with pytest.raises(ValueError, match="missing"):
+        EMA(nn.Linear(8, 1), 0.5).load(tmp_path / "ema.safetensors")
+
+
+# --- checkpoint folders and RNG (no DeepSpeed engine) -----------------------------------------
+
+def _fake_checkpoint(root: Path, step: int, complete: bool = True) -> Path:
+    path = checkpoint.step_dir(root, step)
+    path.mkdir(parents=True)
+    if complete:
+        (path / checkpoint.META).write_text(json.dumps({"step": step}))
+    return path
+
+
+def test_latest_skips_incomplete_and_prune_keeps_the_newest(tmp_path: Path) -> None:
+    assert checkpoint.latest(tmp_path / "none") is None
+    for step in (10, 20, 30):
+        _fake_checkpoint(tmp_path, step)
+    _fake_checkpoint(tmp_path, 40, complete=False)  # a partial copy: no meta.json
+    (tmp_path / ".tmp-step-00000050").mkdir()  # a crashed save
+    assert checkpoint.latest(tmp_path) == checkpoint.step_dir(tmp_path, 30)
+    checkpoint.prune(tmp_path, keep_last=2)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == ["step-00000020", "step-00000030", "step-00000040"]
+    with pytest.raises(ValueError, match="not a checkpoint folder"):
+        checkpoint.step_of(tmp_path / "weights")
+
+
+def test_rng_state_round_trips_through_json_and_tensors() -> None:
+    import random
+
+    import numpy as np
+
+    state = RngState.capture()
+    first = (random.random(), np.random.rand(), torch.rand(3))
+    js = json.loads(json.dumps(state.to_json()))
+    RngState.from_saved(js, state.tensors("train"), "train").restore()
+    again = (random.random(), np.random.rand(), torch.rand(3))
+    assert first[:2] == again[:2] and torch.equal(first[2], again[2])
+
+
+# --- one process, in this process -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """STEPS steps in one go, checkpointing every 2 and keeping 2."""
+    ckpt = tmp_path_factory.mktemp("straight")
+    trainer, batches, log = run(str(ckpt), STEPS)
+    return {"trainer": trainer, "batches": batches, "log": log, "ckpt": ckpt,
+            "state": final_state(trainer)}
+
+
+def test_resume_after_a_kill_matches_the_straight_run(straight: dict[str, Any],
+                                                      tmp_path: Path) -> None:
+    trainer, _, first = run(str(tmp_path), STEPS // 2)
+    del trainer  # the "kill": nothing of this trainer survives but its checkpoints
+    # another model init proves the weights come from the checkpoint
+    trainer, batches, rest = run(str(tmp_path), STEPS, model_seed=123)
+    assert trainer.resumed_from == checkpoint.step_dir(tmp_path, STEPS // 2)
+    assert [m["step"] for m in first + rest] == list(range(1, STEPS + 1))
+    assert [m["loss"] for m in first + rest] == [m["loss"] for m in straight["log"]]
+    _same(final_state(trainer), straight["state"])
+    assert batches.state_dict() == straight["batches"].state_dict() == {
+        "index": STEPS, "seed": 3, "rank": 0}
+    assert trainer.ema is not None and trainer.ema.updates == STEPS
+
+
+def test_straight_run_logs_warmup_and_keeps_the_last_checkpoints(
+        straight: dict[str, Any]) -> None:
+    log, ckpt = straight["log"], straight["ckpt"]
+    assert [m["lr"] for m in log[:4]] == pytest.approx([1e-3, 2e-3, 3e-3, 3e-3])
+    assert all(math.isfinite(m["loss"]) for m in log)
+    assert [p.name for p in checkpoint.complete(ckpt)] == ["step-00000006", "step-00000008"]
+    latest = checkpoint.latest(ckpt)
+    meta = json.loads((latest / checkpoint.META).read_text())
+    assert meta["step"] == STEPS and meta["world_size"] == 1 and meta["zero_stage"] == 0
+    assert {"ema.safetensors", "rank-00000.json", "rank-00000.safetensors",
+            "deepspeed/mp_rank_00_model_states.pt"} <= set(meta["files"])
+    own = json.loads((latest / "rank-00000.json").read_text())
+    assert own["loader"] == {"index": STEPS, "seed": 3, "rank": 0}
+    assert set(own["rng"]) == {"train", "data"}
+
+
+class _Unsaveable(RandomBatches):
+    """A batch source whose state cannot be written: saving fails halfway through."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "handle": object()}
+
+
+def test_a_crash_mid_save_leaves_the_previous_latest(straight: dict[str, Any]) -> None:
+    trainer, ckpt = straight["trainer"], straight["ckpt"]
+    before = checkpoint.latest(ckpt)
+    listing = sorted(p.relative_to(before) for p in before.rglob("*"))
+    meta = (before / checkpoint.META).read_bytes()
+    trainer.step = STEPS + 2
+    with pytest.raises(TypeError, match="not JSON-serialisable"):
+        trainer.save(_Unsaveable(seed=3))
+    tmp = ckpt / ".tmp-step-00000010"
+    assert (tmp / "deepspeed").is_dir()  # DeepSpeed had written its part
+    assert checkpoint.latest(ckpt) == before
+    assert sorted(p.relative_to(before) for p in before.rglob("*")) == listing
+    assert (before / checkpoint.META).read_bytes() == meta
+    # the next save completes, removes the leftover and prunes to keep_last
+    trainer.save(straight["batches"])
+    assert not tmp.exists()
+    assert [p.name for p in checkpoint.complete(ckpt)] == ["step-00000008", "step-00000010"]
+    trainer.save(straight["batches"])  # saving a step again swaps the folder whole
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-00000008", "step-00000010"]
+
+
+def test_bf16_zero2_with_checkpointing_trains(tmp_path: Path) -> None:
+    trainer, _, log = run(None, 3, zero=2, precision="bf16", grad_checkpointing=True,
+                          warmup_steps=2)
+    assert trainer.module.checkpointing
+    assert next(trainer.module.parameters()).dtype == torch.bfloat16
+    assert trainer.ema is not None
+    assert all(t.dtype == torch.float32 for t in trainer.ema.shadow.values())
+    assert [m["lr"] for m in log] == pytest.approx([1.5e-3, 3e-3, 3e-3])
+    assert all(math.isfinite(m["loss"]) and m["grad_norm"] > 0 for m in log)
+
+
+def test_gradient_accumulation_takes_several_batches_per_step() -> None:
+    cfg = config(None, ema_decay=None)
+    trainer = Trainer(TinyNet(), mse_loss, cfg,
+                      build_ds_config(cfg, {"gradient_accumulation_steps": 3}))
+    batches = RandomBatches(seed=3)
+    assert trainer.fit(batches, 2) == 2 and batches.index == 6
+    assert trainer.engine.global_steps == 2
+
+
+def test_zero3_trains_without_ema_and_ema_refuses_its_params() -> None:
+    trainer, _, log = run(None, 2, zero=3, ema_decay=None)
+    assert trainer.ema is None and len(log) == 2
+    with pytest.raises(ValueError, match="partitioned by ZeRO-3"):
+        EMA(trainer.module, 0.9)
+
+
+def test_fit_refuses_unresumable_or_short_batch_sources(tmp_path: Path) -> None:
+    trainer = Trainer(TinyNet(), mse_loss, config(str(tmp_path)))
+    with pytest.raises(TypeError, match="state_dict"):
+        trainer.fit([(torch.zeros(4, 8), torch.zeros(4, 1))], 2)
+    short = Trainer(TinyNet(), mse_loss, config(None))
+    with pytest.raises(RuntimeError, match="ran out at step 1"):
+        short.fit([(torch.zeros(4, 8), torch.zeros(4, 1))], 2)
+
+
+# --- two processes (torchrun) and two simulated nodes ---------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    return {**env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+
+
+def _torchrun(*worker_args: str, nproc: int = 2, nnodes: int = 1, node_rank: int = 0,
+              port: int | None = None) -> subprocess.Popen:
+    cmd = torchrun_cmd(nproc, nnodes, node_rank, "127.0.0.1", port or _free_port(), WORKER,
+                       worker_args)
+    return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(*procs: subprocess.Popen) -> None:
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, f"{p.args} exited {p.returncode}:\n{out[-4000:]}"
+
+
+def _result(out: Path, tag: str, rank: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    return (load_file(str(out / f"{tag}-rank{rank}.safetensors")),
+            json.loads((out / f"{tag}-rank{rank}.json").read_text()))
+
+
+@pytest.fixture(scope="module")
+def two_procs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ZeRO-2 on 2 processes: straight and half in one launch, the resume in a second."""
+    root = tmp_path_factory.mktemp("two_procs")
+    out = root / "out"
+    _finish(_torchrun("--out", str(out), "--zero", "2", "--job", f"straight:{root / 'a'}:8",
+                      "--job", f"half:{root / 'b'}:4"))
+    _finish(_torchrun("--out", str(out), "--zero", "2", "--model-seed", "9",
+                      "--job", f"resumed:{root / 'b'}:8"))
+    return out
+
+
+def test_two_processes_resume_exactly_and_ranks_agree(two_procs: Path) -> None:
+    straight0, info0 = _result(two_procs, "straight", 0)
+    for tag in ("straight", "resumed"):
+        for rank in (0, 1):
+            state, info = _result(two_procs, tag, rank)
+            _same(state, straight0)
+            assert info["world_size"] == 2 and info["step"] == 8
+            assert info["loader"] == {"index": 8, "seed": 3, "rank": rank}
+    _, half = _result(two_procs, "half", 0)
+    _, resumed = _result(two_procs, "resumed", 0)
+    assert resumed["resumed_from"].endswith("step-00000004")
+    assert half["losses"] + resumed["losses"] == info0["losses"]
+
+
+def test_two_simulated_nodes_match_two_processes(two_procs: Path, tmp_path: Path) -> None:
+    port, out = _free_port(), tmp_path / "out"
+    args = ("--out", str(out), "--zero", "2", "--job", f"nodes:{tmp_path / 'ckpt'}:8")
+    nodes = [_torchrun(*args, nproc=1, nnodes=2, node_rank=r, port=port) for r in (0, 1)]
+    _finish(*nodes)
+    straight, _ = _result(two_procs, "straight", 0)
+    for rank in (0, 1):
+        state, info = _result(out, "nodes", rank)
+        assert info["world_size"] == 2
+        _same(state, straight)
