@@ -6,6 +6,7 @@
     lens data prepare|validate --params P  the DVC stages (``dvc repro`` runs these)
     lens recipe RECIPE [--set k=v]         print the resolved recipe and its hash
     lens model info PRESET [--size WxH]    parameters, FLOPs per forward, training memory
+    lens train render RECIPE --target k8s|slurm [--out DIR]   a cluster job for pretraining
 
 Exit status: 0 done, 1 the data contract failed, 2 bad input (the message says which and
 how to fix it). With ``--json`` the last line of stdout is one JSON object.
@@ -150,6 +151,38 @@ def cmd_model_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_render(args: argparse.Namespace) -> int:
+    import yaml
+
+    from lens_model.recipe import load_recipe
+    from lens_model.train.launch import render
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    name = f"pretrain-{recipe.name.replace('.', '-')}-{recipe.hash()}"
+    run = f"{args.mount}/{name}"
+    vae = args.vae or recipe.vae.path or f"{run}/vae"
+    launch = recipe.launch
+    params = {"name": name, "nnodes": launch.nnodes, "nproc_per_node": launch.nproc_per_node,
+              "master_port": launch.master_port, "script": "lens_model/train/pretrain.py",
+              "args": ["--params", f"{run}/recipe.yaml", "--dataset", args.dataset,
+                       "--vae", vae, "--run", run]}
+    if args.target == "k8s":
+        params |= {"image": launch.image, "mount_path": args.mount, "pvc": args.pvc}
+    text = render(args.target, **params)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        suffix = "yaml" if args.target == "k8s" else "sbatch"
+        (out / f"{name}.{suffix}").write_text(text)
+        (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"),
+                                                        sort_keys=False))
+        print(f"wrote {out / f'{name}.{suffix}'} and {out / 'recipe.yaml'}; copy the recipe "
+              f"to {run}/recipe.yaml on the shared volume before submitting")
+    else:
+        print(text)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lens", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -196,6 +229,19 @@ def parser() -> argparse.ArgumentParser:
     minfo.add_argument("--token-px", type=int, default=16, help="VAE factor x patch size")
     minfo.add_argument("--json", action="store_true")
     minfo.set_defaults(func=cmd_model_info)
+
+    train = sub.add_parser("train", help="pretraining launch helpers")
+    tsub = train.add_subparsers(dest="train_command", required=True)
+    rend = tsub.add_parser("render", help="a Kubernetes PyTorchJob or Slurm sbatch script")
+    rend.add_argument("recipe")
+    rend.add_argument("--target", required=True, choices=["k8s", "slurm"])
+    rend.add_argument("--out", help="folder for the job file and the resolved recipe")
+    rend.add_argument("--mount", default="/workspace/runs", help="shared volume for runs")
+    rend.add_argument("--pvc", default="lens-runs", help="k8s: the claim mounted at --mount")
+    rend.add_argument("--dataset", default="data/dataset", help="dataset path on the nodes")
+    rend.add_argument("--vae", help="VAE folder on the nodes (default: the recipe's vae.path)")
+    _overrides(rend)
+    rend.set_defaults(func=cmd_train_render)
 
     recipe = sub.add_parser("recipe", help="print a resolved recipe and its hash")
     recipe.add_argument("recipe")

@@ -20,8 +20,9 @@ import argparse
 import io
 import json
 import os
+import shutil
 import time
-from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from lens_model import atomic
-from lens_model.buckets import buckets_for, fit_to_bucket
+from lens_model.buckets import Bucket, buckets_for, fit_to_bucket
 from lens_model.config import get_preset
 from lens_model.data import shards
 from lens_model.data.captions import long_caption
@@ -86,8 +87,6 @@ def _manifest(dataset: Path) -> dict[str, list]:
 def _image(data: bytes, bucket: str) -> Tensor:
     """Decode, fit to the bucket, scale to [-1, 1]: (3, h, w)."""
     w, h = (int(v) for v in bucket.split("x"))
-    from lens_model.buckets import Bucket
-
     img = fit_to_bucket(Image.open(io.BytesIO(data)).convert("RGB"), Bucket(w, h, 0))
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
 
@@ -215,8 +214,6 @@ def save_final(run: Path, denoiser: LensDenoiser, recipe: Recipe, vae_dir: str,
         "recipe": recipe.name, "recipe_hash": recipe.hash(), "step": step, "vae": vae_dir,
         "text_encoder": recipe.text_encoder.model_dump(mode="json")})
     if final.exists():
-        import shutil
-
         shutil.rmtree(final)
     os.replace(tmp, final)
     return final
@@ -298,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     def _sample(step: int) -> None:
         if trainer.rank != 0:
             return
-        with trainer.ema.swap(trainer.module) if trainer.ema else _nullcontext():
+        with trainer.ema.swap(trainer.module) if trainer.ema else nullcontext():
             grid = sample_grid(trainer.module, encoder, vae, recipe, min(recipe.buckets.base_sizes))
         rel = f"samples/step-{step:08d}.png"
         (run / "samples").mkdir(exist_ok=True)
@@ -308,17 +305,13 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     step = trainer.fit(loader, p.steps, on_step)
     if trainer.rank == 0:
-        with trainer.ema.swap(trainer.module) if trainer.ema else _nullcontext():
+        with trainer.ema.swap(trainer.module) if trainer.ema else nullcontext():
             final = save_final(run, trainer.module, recipe, args.vae, step)
         events.emit(step=step, final={"model_dir": str(final), "steps": step,
                                       "train_seconds": time.perf_counter() - start})
     return 0
 
 
-def _nullcontext() -> Callable[[], Any]:
-    from contextlib import nullcontext
-
-    return nullcontext()
 
 
 if __name__ == "__main__":

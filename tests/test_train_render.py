@@ -1,0 +1,31 @@
+"""`lens train render`: cluster jobs for pretraining from one recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lens import cli
+
+
+def test_render_k8s_and_slurm(tmp_path: Path, capsys) -> None:
+    assert cli.main(["train", "render", "lens-3.8b", "--target", "k8s",
+                     "--out", str(tmp_path / "k8s")]) == 0
+    job_file = next((tmp_path / "k8s").glob("pretrain-*.yaml"))
+    job = next(d for d in yaml.safe_load_all(job_file.read_text()) if d)
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    workers = specs.get("Worker", {}).get("replicas", 0)
+    assert specs["Master"]["replicas"] + workers == 16  # 16 nodes x 8 GPUs, as the recipe says
+    container = specs["Master"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert "lens_model/train/pretrain.py" in container["command"]
+    assert (tmp_path / "k8s" / "recipe.yaml").exists()
+
+    assert cli.main(["train", "render", "tiny", "--target", "slurm",
+                     "--set", "launch.nnodes=2", "--set", "launch.nproc_per_node=4"]) == 0
+    script = capsys.readouterr().out
+    assert "#SBATCH --nodes=2" in script and "--nproc_per_node=4" in script
+    with pytest.raises(SystemExit):  # argparse: --target must be k8s or slurm
+        cli.main(["train", "render", "tiny", "--target", "nomad"])
