@@ -164,3 +164,10 @@ def test_loader_throughput_reports(dataset) -> None:
     out = loader_throughput(dataset[0], BUCKETS, TOKEN_PX, BUDGET, num_workers=0, batches=4,
                             shuffle_buffer=BUFFER)
     assert out["batches"] == 4 and out["images"] > 4 and out["images_per_s"] > 0
+
+
+def test_no_decode_gives_the_same_batches_without_images(dataset) -> None:
+    root, _ = dataset
+    a, b = next(iter(make_loader(root))), next(iter(make_loader(root, decode=False)))
+    assert a.keys == b.keys and a.grids == b.grids and a.captions == b.captions
+    assert b.images == [] and len(a.images) == len(a.keys)

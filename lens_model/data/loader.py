@@ -73,9 +73,9 @@ class _BatchDecoder(Dataset):
     """Map-style dataset: item ``(epoch, index, rows)`` -> the decoded :class:`Batch`."""
 
     def __init__(self, root: Path, keys: list[str], shards: list[str], captions: list[str],
-                 buckets: list[Bucket], token_px: int) -> None:
+                 buckets: list[Bucket], token_px: int, decode: bool = True) -> None:
         self.root, self.keys, self.shards, self.captions = root, keys, shards, captions
-        self.buckets, self.token_px = buckets, token_px
+        self.buckets, self.token_px, self.decode = buckets, token_px, decode
         self._open: dict[str, tuple[Any, dict]] = {}
         self._pid = os.getpid()
 
@@ -84,10 +84,10 @@ class _BatchDecoder(Dataset):
 
     def __getitem__(self, item: tuple[int, int, tuple[int, ...]]) -> Batch:
         epoch, index, rows = item
-        pixels = [self._pixels(r) for r in rows]  # (3, h, w) uint8 each
+        pixels = [self._pixels(r) for r in rows] if self.decode else []  # (3, h, w) uint8 each
         # One float buffer per batch, images as views of it: a worker then passes the batch
         # through one shared-memory block rather than one per image.
-        flat = torch.from_numpy(np.concatenate([p.ravel() for p in pixels]))
+        flat = torch.from_numpy(np.concatenate([p.ravel() for p in pixels] or [np.zeros(0)]))
         flat = flat.float().div_(127.5).sub_(1.0)
         images = [v.view(p.shape) for v, p in zip(flat.split([p.size for p in pixels]), pixels,
                                                   strict=True)]
@@ -152,7 +152,9 @@ class PackedLoader:
 
     def __init__(self, dataset_dir: str | Path, buckets: list[Bucket], token_px: int,
                  token_budget: int, seed: int, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 2, shuffle_buffer: int = 1024) -> None:
+                 num_workers: int = 2, shuffle_buffer: int = 1024, decode: bool = True) -> None:
+        """``decode=False`` yields batches without images (keys, captions and grids only), for
+        training from a feature cache, where decoding would be wasted work."""
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         if shuffle_buffer < 1 or token_px < 1 or num_workers < 0:
@@ -168,7 +170,8 @@ class PackedLoader:
                        for k, n in zip(keys, names, strict=True)]
         self.tokens = np.array([b.tokens(token_px) for b in row_buckets], dtype=np.int64)
         self._fingerprint = hashlib.sha256("\n".join(keys + names).encode()).hexdigest()[:16]
-        self._decoder = _BatchDecoder(self.root, keys, shards, captions, row_buckets, token_px)
+        self._decoder = _BatchDecoder(self.root, keys, shards, captions, row_buckets, token_px,
+                                      decode)
         self._plans: dict[int, list[list[int]]] = {}
         self._epoch, self._index = 0, 0
 

@@ -266,10 +266,11 @@ def main(argv: list[str] | None = None) -> int:
                          ema_decay=p.ema_decay, ckpt_every=p.ckpt_every, keep_last=p.keep_last,
                          ckpt_dir=run / "checkpoints", seed=recipe.seed)
     trainer = Trainer(denoiser, loss_fn, config)
+    cached = features is not None  # then images are not needed: no decoding, no workers
     loader = PackedLoader(dataset, buckets_for(recipe.buckets), recipe.buckets.token_px,
                           recipe.loader.token_budget, recipe.seed, trainer.rank,
-                          trainer.world_size, recipe.loader.num_workers,
-                          recipe.loader.shuffle_buffer)
+                          trainer.world_size, 0 if cached else recipe.loader.num_workers,
+                          recipe.loader.shuffle_buffer, decode=not cached)
     events = Events(run, trainer.rank)
     device = recipe.launch.gpu_type if recipe.launch.device == "cuda" else "cpu"
     ledger = ComputeLedger(device, trainer.world_size)
