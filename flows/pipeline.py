@@ -16,7 +16,7 @@ from flows.data import data_flow, shared_api, task_runner
 from lens_model.recipe import load_recipe
 from tasks import data as data_tasks
 from tasks.pretrain import pretrain
-from tasks.vae import vae_stage
+from tasks.vae import vae_dir, vae_stage
 
 
 @flow(name="lens-pipeline", version="1", log_prints=True)
@@ -29,7 +29,9 @@ def pipeline_flow(recipe: str = "tiny", overrides: list[str] | None = None,
         data = data_flow.with_options(task_runner=task_runner(rec.data))(
             recipe, overrides or [], repo, parent)
         dataset = str(Path(data["manifest"]).parent)
-        vae = vae_stage(tree, dataset, data["dvc_hash"], parent)
+        # a cache hit must not stand in for a trained VAE folder that was deleted
+        stale = rec.vae.source == "train" and not vae_dir(rec, data["dvc_hash"]).is_dir()
+        vae = vae_stage.with_options(refresh_cache=stale)(tree, dataset, data["dvc_hash"], parent)
         trained = pretrain(tree, dataset, vae, data["dvc_hash"], parent)
     except BaseException:
         data_tasks.close_parent(parent, {}, "FAILED")

@@ -50,11 +50,12 @@ BUILD_CODE = ("lens_model/data", "lens_model/buckets.py", "lens_model/atomic.py"
 
 
 @functools.cache
-def code_fingerprint() -> str:
-    """Hash of the build code, so outputs of older code are never taken for current ones."""
+def code_fingerprint(code: tuple[str, ...] = BUILD_CODE) -> str:
+    """Hash of the files and folders ``code`` names (repo-relative), so outputs of older code
+    are never taken for current ones."""
     root = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
-    for entry in BUILD_CODE:
+    for entry in code:
         path = root / entry
         for file in sorted(path.glob("*.py")) if path.is_dir() else [path]:
             digest.update(file.relative_to(root).as_posix().encode() + file.read_bytes())

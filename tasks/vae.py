@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 
 import mlflow
 from lens import defaults
@@ -18,11 +18,24 @@ from lens_model.recipe import Recipe
 from lens_model.train.vae_train import held_out_images, reconstruction_grid, train_vae
 from lens_model.vae import SemanticVAE
 from tasks import tracking
+from tasks.dataset import code_fingerprint
 
 HELD_OUT = 32
+VAE_CODE = ("lens_model/vae.py", "lens_model/train/vae_train.py", "tasks/vae.py")
 
 
-@task(name="vae", cache_policy=INPUTS + TASK_SOURCE, persist_result=True)
+def _vae_code(context: Any, parameters: dict[str, Any]) -> str:
+    return code_fingerprint(VAE_CODE)
+
+
+def vae_dir(recipe: Recipe, dvc_hash: str) -> Path:
+    """Where this recipe's VAE trained on this data lives (the pipeline checks it exists)."""
+    key = hashlib.sha256(recipe.vae.model_dump_json().encode()).hexdigest()[:8]
+    return defaults.lens_home() / "vae" / f"{recipe.name}-{dvc_hash[:8]}-{key}"
+
+
+@task(name="vae", persist_result=True,
+      cache_policy=INPUTS + TASK_SOURCE + CachePolicy.from_cache_key_fn(_vae_code))
 def vae_stage(tree: dict[str, Any], dataset: str, dvc_hash: str, parent_run_id: str = "") -> str:
     """The VAE folder to use: the recipe's pretrained path, or one trained here (cached)."""
     recipe = Recipe.model_validate(tree)
@@ -33,7 +46,7 @@ def vae_stage(tree: dict[str, Any], dataset: str, dvc_hash: str, parent_run_id: 
                                     f"AutoencoderKLFlux2 there or set vae.source=train")
         return str(v.path)
     logger = get_run_logger()
-    out = defaults.lens_home() / "vae" / f"{recipe.name}-{dvc_hash[:8]}-{_vae_key(recipe)}"
+    out = vae_dir(recipe, dvc_hash)
     vae = SemanticVAE.tiny(latent_channels=v.latent_channels, downsample=v.downsample)
     loader = PackedLoader(dataset, buckets_for(recipe.buckets), recipe.buckets.token_px,
                           recipe.loader.token_budget, recipe.seed, num_workers=0,
@@ -58,7 +71,3 @@ def vae_stage(tree: dict[str, Any], dataset: str, dvc_hash: str, parent_run_id: 
     logger.info(f"VAE: PSNR {metrics['psnr_before']:.2f} -> {metrics['psnr']:.2f} dB, {out}")
     return str(out)
 
-
-def _vae_key(recipe: Recipe) -> str:
-    """Short stable hash of the VAE section: a changed setting trains into a new folder."""
-    return hashlib.sha256(recipe.vae.model_dump_json().encode()).hexdigest()[:8]
