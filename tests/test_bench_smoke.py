@@ -1,0 +1,107 @@
+"""The training and GPU benchmark scripts run end to end on CPU and write the JSON they promise."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+GPU_TRAIN_KEYS = {
+    "device", "torch", "cuda", "peak_tflops", "benchmark", "smoke", "preset", "blocks",
+    "blocks_full", "params", "precision", "optimizer", "grad_checkpointing", "sdpa_backend",
+    "batch", "resolution", "image_tokens", "text_tokens", "warmup_steps", "steps",
+    "ms_per_step", "ms_per_step_mean", "ms_fwd_bwd", "ms_optimizer", "forward_flops",
+    "model_flops_per_step", "hardware_flops_per_step", "achieved_tflops",
+    "achieved_tflops_hardware", "mfu", "hfu", "mfu_fwd_bwd", "peak_memory_gib", "final_loss",
+}
+GPU_INFER_KEYS = {
+    "device", "torch", "cuda", "peak_tflops", "benchmark", "smoke", "preset", "blocks", "params",
+    "dtype", "sdpa_backend", "resolution", "image_tokens", "text_tokens", "warmup", "iters",
+    "eager", "compiled", "reference", "within_target", "speedup_vs_diffusers_sd3_batch_1",
+    "estimate_20_step_cfg_s", "estimate_turbo_4_step_s",
+}
+LOOP_KEYS = {"steps", "seconds", "samples_per_s", "tokens_per_s", "step_ms_median",
+             "samples_per_s_by_round", "final_loss"}
+
+
+def _env() -> dict[str, str]:
+    """DeepSpeed on CPU, its JIT-built op cached where the project keeps it."""
+    ext = os.environ.get("TORCH_EXTENSIONS_DIR") or str(REPO / ".lens" / "torch_extensions")
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": ext,
+            "HF_HUB_OFFLINE": "1"}
+
+
+def _run(script: str, out: Path, *args: str) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), *args, "--out",
+                           str(out)], cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(out.read_text())
+
+
+def _positive(*values: Any) -> None:
+    for v in values:
+        assert isinstance(v, int | float) and math.isfinite(v) and v > 0, v
+
+
+def test_train_bench_compares_deepspeed_with_plain_pytorch(tmp_path: Path) -> None:
+    got = _run("train_bench.py", tmp_path / "train.json", "--steps", "2", "--warmup", "1",
+               "--rounds", "1", "--samples", "4", "--text-tokens", "24", "--threads", "1")
+    assert got["machine"]["torch_threads"] == 1
+    assert got["data"]["samples_per_step"] == 4 and got["data"]["image_tokens_per_sample"] == 64
+    for name in ("plain", "deepspeed"):
+        loop = got[name]
+        assert LOOP_KEYS <= loop.keys()
+        assert loop["steps"] == 2
+        _positive(loop["seconds"], loop["samples_per_s"], loop["tokens_per_s"],
+                  loop["step_ms_median"], loop["final_loss"])
+        # tokens/s counts real image + text tokens: 4 x 64 image plus ~4 x 24 text per step
+        ratio = loop["tokens_per_s"] / loop["samples_per_s"]
+        assert 64 + 20 < ratio < 64 + 28
+    expected = (got["plain"]["samples_per_s"] / got["deepspeed"]["samples_per_s"] - 1) * 100
+    assert got["overhead_pct"] == pytest.approx(expected, abs=0.01)
+    assert got["target_overhead_pct"] == 15.0
+    assert got["within_target"] == (got["overhead_pct"] <= 15.0)
+    assert got["settings"]["zero_stage"] == 0 and got["settings"]["precision"] == "fp32"
+
+
+def test_gpu_train_smoke_writes_the_full_run_keys(tmp_path: Path) -> None:
+    got = _run("gpu_train.py", tmp_path / "train.json", "--smoke")
+    assert set(got) == GPU_TRAIN_KEYS
+    assert got["smoke"] is True and got["preset"] == "tiny" and got["steps"] == 2
+    assert got["blocks"] == got["blocks_full"] == 4 and got["image_tokens"] == 64
+    assert got["mfu"] is None and got["hfu"] is None and got["peak_tflops"] is None
+    assert got["grad_checkpointing"] is True and got["sdpa_backend"] == "flash"
+    _positive(got["ms_per_step"], got["ms_fwd_bwd"], got["ms_optimizer"], got["achieved_tflops"],
+              got["forward_flops"], got["final_loss"], got["params"])
+    assert got["hardware_flops_per_step"] == pytest.approx(4 / 3 * got["model_flops_per_step"])
+    assert got["ms_per_step"] >= got["ms_fwd_bwd"]
+
+
+def test_gpu_train_refuses_a_block_count_the_preset_lacks(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_train.py"), "--smoke",
+                           "--blocks", "9", "--out", str(tmp_path / "x.json")], cwd=REPO,
+                          env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "--blocks 9 is outside 1..4" in proc.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_gpu_infer_smoke_times_batch_one_and_two(tmp_path: Path) -> None:
+    got = _run("gpu_infer.py", tmp_path / "infer.json", "--smoke")
+    assert set(got) == GPU_INFER_KEYS
+    assert got["smoke"] is True and got["compiled"] is None and got["dtype"] == "float32"
+    assert set(got["eager"]) == {"batch_1", "batch_2"}
+    for row in got["eager"].values():
+        _positive(row["ms_per_forward"], row["ms_mean"], row["ms_min"], row["achieved_tflops"])
+        assert row["ms_min"] <= row["ms_per_forward"]
+    ref = got["reference"]
+    assert ref["target_ms_batch_1"] == 40.0 and ref["diffusers_sd3_mmdit_ms"]["batch_1"] == 71.7
+    assert got["within_target"] is None  # a CPU number says nothing about the H100 target
