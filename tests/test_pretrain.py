@@ -3,8 +3,6 @@ the same loss; the feature cache is built once."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
