@@ -56,7 +56,8 @@ from lens_model.vae import SemanticVAE
 
 EVENTS = "events.jsonl"
 TEXT_MULTIPLE = 16  # packed text length rounds up to this, so shapes repeat across steps
-GRID_SEED, GRID_PROMPTS, GRID_STEPS, GRID_CFG = 1234, 4, 20, 4.0
+GRID_SEED, GRID_PROMPTS, GRID_STEPS, GRID_CFG = 1234, 6, 20, 4.0
+GRID_MAX_OBJECTS = 2  # few, large objects: colours and shapes readable at a glance
 
 
 def read_recipe(path: str | Path) -> Recipe:
@@ -169,10 +170,11 @@ def grid_prompts(recipe: Recipe) -> list[tuple[str, Image.Image]]:
     import random
 
     rng = random.Random(GRID_SEED)
-    size = min(recipe.buckets.base_sizes)
+    size = max(recipe.buckets.base_sizes)
     out = []
     for _ in range(GRID_PROMPTS):
-        scene = sample_scene(rng, recipe.data.min_objects, recipe.data.max_objects)
+        scene = sample_scene(rng, recipe.data.min_objects,
+                             max(recipe.data.min_objects, GRID_MAX_OBJECTS))
         out.append((long_caption(scene, size, size, rng), render(scene, size, size)))
     return out
 
@@ -297,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         if trainer.rank != 0:
             return
         with trainer.ema.swap(trainer.module) if trainer.ema else nullcontext():
-            grid = sample_grid(trainer.module, encoder, vae, recipe, min(recipe.buckets.base_sizes))
+            grid = sample_grid(trainer.module, encoder, vae, recipe, max(recipe.buckets.base_sizes))
         rel = f"samples/step-{step:08d}.png"
         (run / "samples").mkdir(exist_ok=True)
         atomic.write_with(run / rel, lambda tmp: grid.save(tmp, format="PNG"))
