@@ -42,9 +42,18 @@ def test_tiny_pipeline_trains_and_tracks(prefect_server, dvc_repo: Path, capsys)
     vae = [r for r in children if r.data.tags["lens.stage"] == "vae"][0]
     assert vae.data.metrics["vae/psnr"] > 0
 
-    # a retry of the same job resumes from its last checkpoint instead of starting over
     run_dir = Path(pre.data.tags["lens.last_checkpoint"]).parent.parent
     events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
     assert events[-1]["final"]["steps"] == 6
     recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
     assert recipe["pretrain"]["steps"] == 6
+
+    # The same job again (a retry, or a rerun): every stage is reused, and pretraining resumes
+    # from its last checkpoint into the same MLflow run instead of starting over.
+    assert cli.main(args) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["pretrain_run_id"] == out["pretrain_run_id"]
+    assert again["dvc_hash"] == out["dvc_hash"] and again["vae_dir"] == out["vae_dir"]
+    events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert events[-1]["final"]["steps"] == 6 and events[-1]["final"]["train_seconds"] < 5
+    assert [m.step for m in client.get_metric_history(pre.info.run_id, "train/loss")] == [2, 4, 6]
