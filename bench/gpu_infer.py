@@ -20,7 +20,6 @@ reported apart. ``--smoke`` runs the same code on CPU with the tiny preset in fp
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -38,9 +37,11 @@ from gpu_train import (  # noqa: E402
     build_model,
     device_info,
     log,
+    require_cuda,
     sig,
     synthetic_inputs,
     token_grid,
+    write_json,
 )
 
 from lens_model.flops import forward_flops, param_count  # noqa: E402
@@ -150,17 +151,10 @@ def main() -> None:
         iters = 2 if args.iters is None else args.iters
         warmup = 1 if args.warmup is None else args.warmup
     else:
-        if not torch.cuda.is_available():
-            raise SystemExit("no CUDA device: run this on a GPU, or pass --smoke for the CPU "
-                             "check of the same code path")
-        device, preset, res, px, text = torch.device("cuda"), "lens-3.8b", 1024, 16, 256
+        device, preset, res, px, text = require_cuda(), "lens-3.8b", 1024, 16, 256
         iters = 20 if args.iters is None else args.iters
         warmup = 5 if args.warmup is None else args.warmup
-    results = infer_bench(preset, res, px, text, warmup, iters, device, args.compile)
-    out = json.dumps(results, indent=2)
-    print(out)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(out + "\n")
+    write_json(infer_bench(preset, res, px, text, warmup, iters, device, args.compile), args.out)
 
 
 if __name__ == "__main__":

@@ -287,6 +287,22 @@ def report(cfg: TransformerConfig, preset: str, full: int, batch: int, img: int,
     }
 
 
+def require_cuda() -> torch.device:
+    """The GPU, or a clear exit naming the CPU smoke mode."""
+    if not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run this on a GPU, or pass --smoke for the CPU "
+                         "check of the same code path")
+    return torch.device("cuda")
+
+
+def write_json(results: dict[str, Any], out: str | Path) -> None:
+    """Print the results and write them to ``out`` (parents created)."""
+    text = json.dumps(results, indent=2)
+    print(text)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(text + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny preset, fp32, 2 steps")
@@ -304,17 +320,11 @@ def main() -> None:
         steps = 2 if args.steps is None else args.steps
         warmup = 1 if args.warmup is None else args.warmup
     else:
-        if not torch.cuda.is_available():
-            raise SystemExit("no CUDA device: run this on a GPU, or pass --smoke for the CPU "
-                             "check of the same code path")
-        device, preset, res, px, text, bf16 = torch.device("cuda"), "lens-3.8b", 1024, 16, 256, True
+        device, preset, res, px, text, bf16 = require_cuda(), "lens-3.8b", 1024, 16, 256, True
         steps = 10 if args.steps is None else args.steps
         warmup = 3 if args.warmup is None else args.warmup
-    results = train_bench(preset, blocks, args.batch, res, px, text, warmup, steps, device, bf16)
-    out = json.dumps(results, indent=2)
-    print(out)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(out + "\n")
+    write_json(train_bench(preset, blocks, args.batch, res, px, text, warmup, steps, device,
+                           bf16), args.out)
 
 
 if __name__ == "__main__":
