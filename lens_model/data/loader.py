@@ -45,7 +45,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lens_model.buckets import Bucket, fit_to_bucket
-from lens_model.data.shards import DECODED_IMAGE_EXTS, MANIFEST, index_shard
+from lens_model.data.shards import MANIFEST, image_member, index_shard
 from lens_model.packing import pack_by_tokens
 
 _STATE_FIELDS = ("seed", "rank", "world_size", "token_budget", "token_px", "shuffle_buffer",
@@ -111,20 +111,18 @@ class _BatchDecoder(Dataset):
         key, shard, bucket = self.keys[row], self.shards[row], self.buckets[row]
         fh, index = self._shard(shard, key)
         members = index.get(key, {})
-        ext = next((e for e in DECODED_IMAGE_EXTS if e in members), None)
+        ext = image_member(members)
         if ext is None:
             raise ValueError(f"sample {key!r}: shard {shard} has no image member for it "
                              f"(found {sorted(members) or 'nothing'}); rebuild the shards and "
                              f"manifest together")
         offset, size = members[ext]
         try:
-            with Image.open(io.BytesIO(os.pread(fh.fileno(), size, offset))) as img:
-                fitted = fit_to_bucket(img.convert("RGB"), bucket)
+            return fitted_pixels(os.pread(fh.fileno(), size, offset), bucket)
         except OSError as exc:
             raise ValueError(f"sample {key!r} in {shard}: image does not decode ({exc}); "
                              f"re-run data validation so the manifest lists only good images"
                              ) from exc
-        return np.asarray(fitted, dtype=np.uint8).transpose(2, 0, 1)  # (3, h, w)
 
     def close(self) -> None:
         for fh, _ in self._open.values():
@@ -164,7 +162,7 @@ class PackedLoader:
         self.token_px, self.token_budget, self.seed = token_px, token_budget, seed
         self.rank, self.world_size = rank, world_size
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
-        keys, shards, captions, names = _read_manifest(self.root)
+        keys, shards, captions, names = read_manifest(self.root)
         by_name = {b.name: b for b in buckets}
         row_buckets = [_bucket_of(k, n, by_name, token_px, token_budget)
                        for k, n in zip(keys, names, strict=True)]
@@ -231,7 +229,20 @@ class PackedLoader:
                 "shuffle_buffer": self.shuffle_buffer, "manifest": self._fingerprint}
 
 
-def _read_manifest(root: Path) -> tuple[list[str], list[str], list[str], list[str]]:
+def fitted_pixels(data: bytes, bucket: Bucket) -> np.ndarray:
+    """Image bytes -> RGB fitted to ``bucket`` (cover, centre-crop): (3, h, w) uint8."""
+    with Image.open(io.BytesIO(data)) as img:
+        fitted = fit_to_bucket(img.convert("RGB"), bucket)
+    return np.asarray(fitted, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def to_signed(pixels: np.ndarray) -> Tensor:
+    """(3, h, w) uint8 -> float32 in [-1, 1], the range every model here reads."""
+    return torch.from_numpy(pixels.astype(np.float32)).div_(127.5).sub_(1.0)
+
+
+def read_manifest(root: Path) -> tuple[list[str], list[str], list[str], list[str]]:
+    """Keys, shards, captions and bucket names of a dataset's manifest, checked."""
     path = root / MANIFEST
     if not path.exists():
         raise FileNotFoundError(f"no {MANIFEST} in {root}; build the dataset (shards and "

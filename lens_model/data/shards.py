@@ -115,6 +115,11 @@ def read_member(fh: io.BufferedReader, offset: int, size: int) -> bytes:
     return fh.read(size)
 
 
+def image_member(members: dict[str, tuple[int, int]]) -> str | None:
+    """The extension of a sample's decodable image member, if it has one."""
+    return next((e for e in DECODED_IMAGE_EXTS if e in members), None)
+
+
 def write_table(path: str | Path, rows: list[dict], schema: pa.Schema) -> None:
     """Write ``rows`` (dicts keyed by the schema's columns) as Parquet, atomically."""
     table = pa.Table.from_pylist(rows, schema=schema)

@@ -17,7 +17,6 @@ computed in the step (``online``).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import shutil
@@ -26,8 +25,6 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 import yaml
@@ -36,11 +33,11 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from lens_model import atomic
-from lens_model.buckets import Bucket, buckets_for, fit_to_bucket
+from lens_model.buckets import Bucket, buckets_for
 from lens_model.config import get_preset
 from lens_model.data import shards
 from lens_model.data.captions import long_caption
-from lens_model.data.loader import Batch, PackedLoader
+from lens_model.data.loader import Batch, PackedLoader, fitted_pixels, read_manifest, to_signed
 from lens_model.data.world import render, sample_scene
 from lens_model.denoiser import LensDenoiser, sample_latents
 from lens_model.features import FeatureCache
@@ -80,24 +77,19 @@ class Events:
                 fh.write(json.dumps(event, default=float) + "\n")
 
 
-def _manifest(dataset: Path) -> dict[str, list]:
-    table = pq.read_table(dataset / shards.MANIFEST, columns=["key", "shard", "caption", "bucket"])
-    return table.to_pydict()
-
-
-def _image(data: bytes, bucket: str) -> Tensor:
-    """Decode, fit to the bucket, scale to [-1, 1]: (3, h, w)."""
-    w, h = (int(v) for v in bucket.split("x"))
-    img = fit_to_bucket(Image.open(io.BytesIO(data)).convert("RGB"), Bucket(w, h, 0))
-    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+def mu_rule(recipe: Recipe) -> dict[str, float]:
+    """The recipe's resolution-shift rule, as keyword arguments of ``shift_mu``."""
+    p = recipe.pretrain
+    return {"base_tokens": p.mu_base_tokens, "base_mu": p.mu_base,
+            "max_tokens": p.mu_max_tokens, "max_mu": p.mu_max}
 
 
 def build_feature_cache(cache: FeatureCache, dataset: Path, encoder: LanguageEncoder,
                         vae: SemanticVAE, batch: int = 32) -> None:
     """Text hidden states and VAE latents of every manifest row, one file per shard."""
-    rows = _manifest(dataset)
+    keys, shard_of, captions, bucket_of = read_manifest(dataset)
     by_shard: dict[str, list[int]] = {}
-    for i, shard in enumerate(rows["shard"]):
+    for i, shard in enumerate(shard_of):
         by_shard.setdefault(shard, []).append(i)
     for shard, idx in sorted(by_shard.items()):
         name = Path(shard).name
@@ -108,11 +100,11 @@ def build_feature_cache(cache: FeatureCache, dataset: Path, encoder: LanguageEnc
         with open(dataset / shard, "rb") as fh:
             for start in range(0, len(idx), batch):
                 part = idx[start:start + batch]
-                keys = [rows["key"][i] for i in part]
-                hidden, mask = encoder.hidden([rows["caption"][i] for i in part])
-                for j, (key, i) in enumerate(zip(keys, part, strict=True)):
-                    ext = next(e for e in shards.DECODED_IMAGE_EXTS if e in members[key])
-                    img = _image(shards.read_member(fh, *members[key][ext]), rows["bucket"][i])
+                hidden, mask = encoder.hidden([captions[i] for i in part])
+                for j, i in enumerate(part):
+                    key, (w, h) = keys[i], map(int, bucket_of[i].split("x"))
+                    data = shards.read_member(fh, *members[key][shards.image_member(members[key])])
+                    img = to_signed(fitted_pixels(data, Bucket(w, h, 0)))  # (3, h, w)
                     latent = vae.encode_latent(img[None])[0]  # (C, h, w)
                     n = int(mask[j].sum())
                     samples.append((key, hidden[j, :n].clone(), mask[j, :n].clone(), latent))
@@ -126,9 +118,7 @@ class LossFn:
                  encoder: LanguageEncoder, vae: SemanticVAE, patch: int) -> None:
         self.recipe, self.features, self.encoder, self.vae, self.patch = (
             recipe, features, encoder, vae, patch)
-        p = recipe.pretrain
-        self.mu = {"base_tokens": p.mu_base_tokens, "base_mu": p.mu_base,
-                   "max_tokens": p.mu_max_tokens, "max_mu": p.mu_max}
+        self.mu = mu_rule(recipe)
         self.last: dict[str, list[int]] = {"img": [], "txt": []}
 
     def _inputs(self, batch: Batch) -> tuple[list[Tensor], list[Tensor]]:
@@ -191,10 +181,7 @@ def sample_grid(denoiser: LensDenoiser, encoder: LanguageEncoder, vae: SemanticV
     denoiser.eval()
     z = sample_latents(denoiser, cond, uncond, (len(prompts), c, size // f, size // f),
                        GRID_STEPS, GRID_CFG, torch.Generator().manual_seed(GRID_SEED),
-                       {"base_tokens": recipe.pretrain.mu_base_tokens,
-                        "base_mu": recipe.pretrain.mu_base,
-                        "max_tokens": recipe.pretrain.mu_max_tokens,
-                        "max_mu": recipe.pretrain.mu_max})
+                       mu_rule(recipe))
     denoiser.train(was_training)
     images = ((vae.decode_latent(z).clamp(-1, 1) + 1) * 127.5).round().byte()  # (B, 3, H, W)
     grid = Image.new("RGB", (size * len(prompts), size * 2), "white")
@@ -258,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                 init_distributed()
             dist.barrier()
         features = {}
-        for shard in sorted({Path(s).name for s in _manifest(dataset)["shard"]}):
+        for shard in sorted({Path(s).name for s in read_manifest(dataset)[1]}):
             features.update(cache.load(shard))
 
     loss_fn = LossFn(recipe, features, encoder, vae, cfg.patch_size)

@@ -174,21 +174,16 @@ def reconstruction_grid(vae: SemanticVAE, images: Tensor, max_images: int = 8) -
 
 def held_out_images(dataset: str | Path, n: int, size: int) -> Tensor:
     """The manifest's last ``n`` images, fitted to size x size: (n, 3, size, size) in [-1, 1]."""
-    import io
-
-    import pyarrow.parquet as pq
-
-    from lens_model.buckets import Bucket, fit_to_bucket
+    from lens_model.buckets import Bucket
     from lens_model.data import shards
+    from lens_model.data.loader import fitted_pixels, read_manifest, to_signed
 
     root = Path(dataset)
-    rows = pq.read_table(root / shards.MANIFEST, columns=["key", "shard"]).to_pylist()[-n:]
+    keys, shard_of, _, _ = read_manifest(root)
     out = []
-    for row in rows:
-        members = shards.index_shard(root / row["shard"])[row["key"]]
-        ext = next(e for e in shards.DECODED_IMAGE_EXTS if e in members)
-        with open(root / row["shard"], "rb") as fh:
-            img = Image.open(io.BytesIO(shards.read_member(fh, *members[ext]))).convert("RGB")
-        img = fit_to_bucket(img, Bucket(size, size, size))
-        out.append(torch.from_numpy(np.asarray(img, np.float32) / 127.5 - 1).permute(2, 0, 1))
+    for key, shard in list(zip(keys, shard_of, strict=True))[-n:]:
+        members = shards.index_shard(root / shard)[key]
+        with open(root / shard, "rb") as fh:
+            data = shards.read_member(fh, *members[shards.image_member(members)])
+        out.append(to_signed(fitted_pixels(data, Bucket(size, size, size))))
     return torch.stack(out)
