@@ -1,5 +1,5 @@
-"""The pipeline: data -> vae (when the recipe trains one) -> pretrain, under one MLflow
-parent run whose child runs are the stages.
+"""The pipeline: data -> vae (when the recipe trains one) -> pretrain -> evaluate -> register
+-> promote, under one MLflow parent run whose child runs are the stages.
 
     lens run tiny                      # what `make run` runs
     lens run lens-3.8b --set launch.nproc_per_node=8
@@ -7,6 +7,7 @@ parent run whose child runs are the stages.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,11 @@ from prefect import flow, tags
 from flows.data import data_flow, shared_api, task_runner
 from lens_model.recipe import load_recipe
 from tasks import data as data_tasks
+from tasks import release
+from tasks.evaluate import evaluate_stage
 from tasks.pretrain import pretrain
+from tasks.registry import register
+from tasks.report import pipeline_report
 from tasks.vae import vae_dir, vae_stage
 
 
@@ -24,23 +29,59 @@ def pipeline_flow(recipe: str = "tiny", overrides: list[str] | None = None,
                   repo: str | None = None) -> dict[str, Any]:
     rec = load_recipe(recipe, overrides)
     tree = rec.model_dump(mode="json")
+    stages: dict[str, float] = {}  # wall seconds per stage
+    compute: dict[str, float] = {}  # of which the stage's own work (0 when its cache hit)
+    clock = [time.perf_counter()]
+
+    def lap(name: str, state: Any = None) -> Any:
+        """Close stage ``name``; with a task's state, return its result and its compute."""
+        now = time.perf_counter()
+        stages[name], clock[0] = now - clock[0], now
+        if state is None:
+            return None
+        result = state.result()
+        compute[name] = 0.0 if state.name == "Cached" else float(result.get("compute_s", 0))
+        return result
+
     parent = data_tasks.open_parent(tree, repo or ".")
     try:
         data = data_flow.with_options(task_runner=task_runner(rec.data))(
             recipe, overrides or [], repo, parent)
+        lap("data")
+        compute["data"] = sum(v for k, v in data["seconds"].items() if k != "version")
         dataset = str(Path(data["manifest"]).parent)
         # a cache hit must not stand in for a trained VAE folder that was deleted
         stale = rec.vae.source == "train" and not vae_dir(rec, data["dvc_hash"]).is_dir()
-        vae = vae_stage.with_options(refresh_cache=stale)(tree, dataset, data["dvc_hash"], parent)
-        trained = pretrain(tree, dataset, vae, data["dvc_hash"], parent)
+        vae = lap("vae", vae_stage.with_options(refresh_cache=stale)(
+            tree, dataset, data["dvc_hash"], parent, return_state=True))["dir"]
+        trained = lap("pretrain", pretrain(tree, dataset, vae, data["dvc_hash"], parent,
+                                           return_state=True))
+        scored = lap("evaluate", evaluate_stage(tree, trained["model_dir"], data["dvc_hash"],
+                                                parent, return_state=True))
+        runs = {"data": data["mlflow_run_id"], "pretrain": trained["run_id"],
+                "evaluate": scored["run_id"]}
+        version = lap("register", register(tree, trained["model_dir"], data["dvc_hash"], scored,
+                                           runs, parent, return_state=True))
+        promotion = release.promote_task(version["name"], version["version"],
+                                         reason=f"pipeline run of recipe {rec.name}")
+        lap("promote")
+        compute["promote"] = 0.0
     except BaseException:
         data_tasks.close_parent(parent, {}, "FAILED")
         raise
     summary = {"dvc_hash": data["dvc_hash"], "vae_dir": vae,
-               "model_dir": trained.get("model_dir", ""), "pretrain_run_id": trained["run_id"]}
+               "model_dir": trained.get("model_dir", ""), "pretrain_run_id": trained["run_id"],
+               "model": version["name"], "version": version["version"],
+               **{f"run.{stage}": run_id for stage, run_id in runs.items()},
+               "run.register": version["run_id"]}
     data_tasks.close_parent(parent, summary)
-    return {**data, **summary, "parent_run_id": parent, "pretrain_job": trained["job"],
-            "run_dir": trained["run_dir"]}
+    result = {**data, **summary, "parent_run_id": parent, "pretrain_job": trained["job"],
+            "run_dir": trained["run_dir"], "scores": scored["scores"],
+            "baseline_scores": scored["baseline_scores"], "eval_grid": scored["grid"],
+            "seconds_per_image": scored["seconds_per_image"], "eval_hash": scored["eval_hash"],
+            "promotion": promotion, "stages": stages, "compute": compute}
+    pipeline_report(rec.name, result, runs | {"register": version["run_id"]})
+    return result
 
 
 def run(recipe: str, overrides: list[str] | None = None, repo: str | None = None) -> dict[str, Any]:

@@ -1,21 +1,28 @@
 """The ``lens`` command line.
 
-    lens run [RECIPE]                      the main job: data -> vae -> pretrain on a recipe
+    lens run [RECIPE]                      the main job: data -> vae -> pretrain -> evaluate
+                                           -> register -> promote, on a recipe
     lens data RECIPE [--set k=v] [--json]  the Prefect data flow: validated, DVC-versioned data
     lens data ingest PATH... --out DIR     ingest user data (folders, WebDataset tars, Parquet)
     lens data prepare|validate --params P  the DVC stages (``dvc repro`` runs these)
     lens recipe RECIPE [--set k=v]         print the resolved recipe and its hash
     lens model info PRESET [--size WxH]    parameters, FLOPs per forward, training memory
     lens train render RECIPE --target k8s|slurm [--out DIR]   a cluster job for pretraining
+    lens generate PROMPT... --model DIR|models:/NAME@ALIAS [--size WxH] [--out DIR]
+                                           images from a trained model, one PNG each
+    lens promote NAME VERSION [--dry-run]  gate a version and move @champion to it
+    lens promote NAME --rollback           move @champion back to the one it replaced
+    lens compare A B [--json]              two runs (ids or NAME/VERSION) side by side
 
-Exit status: 0 done, 1 the data contract failed, 2 bad input (the message says which and
-how to fix it). With ``--json`` the last line of stdout is one JSON object.
+Exit status: 0 done, 1 the data contract or a promotion gate failed, 2 bad input (the
+message says which and how to fix it). With ``--json`` the last line of stdout is one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -55,20 +62,89 @@ def _where(result: dict[str, Any]) -> str:
     ])
 
 
+def _scores(scores: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.pipeline import run
 
     result = run(args.recipe, args.overrides, args.repo)
     keys = ("dvc_hash", "valid", "quarantined", "mlflow_run_id", "manifest", "model_dir",
-            "parent_run_id", "pretrain_run_id", "vae_dir")
-    out = {k: result[k] for k in keys} | {"recipe": result["recipe"],
-                                          "recipe_hash": result["recipe_hash"]}
+            "parent_run_id", "pretrain_run_id", "vae_dir", "model", "version", "scores",
+            "baseline_scores", "eval_grid", "eval_hash", "seconds_per_image")
+    promotion = result["promotion"]
+    out = {k: result[k] for k in keys} | {
+        "recipe": result["recipe"], "recipe_hash": result["recipe_hash"],
+        "aliases": promotion["aliases"], "promoted": promotion["promoted"],
+        "stages": result["stages"]}
+    verdict = ("promoted to @champion" if promotion["promoted"] else
+               f"not promoted: {promotion.get('reason', 'gates failed')}")
     human = _where(result) + "\n" + "\n".join([
         f"vae       {result['vae_dir']}",
         f"model     {result['model_dir']}  (pretrain run {result['pretrain_run_id']}, "
         f"job {result['pretrain_job']})",
+        f"scores    {_scores(result['scores'])}  (eval {result['eval_hash']}, "
+        f"{result['seconds_per_image']:.3f} s/image)",
+        f"untrained {_scores(result['baseline_scores'])}",
+        f"grid      {result['eval_grid']}",
+        f"registry  {result['model']} v{result['version']} "
+        f"@{', @'.join(promotion['aliases']) or '-'}: {verdict}",
+        "stages    " + ", ".join(f"{k} {v:.1f}s" for k, v in result["stages"].items()),
         f"pipeline  MLflow parent run {result['parent_run_id']}"])
     _emit(out, args.json, human)
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from tasks import promote
+
+    try:
+        if args.rollback:
+            old, new = promote.rollback(args.name, args.reason)
+            _emit({"name": args.name, "from": old, "to": new}, args.json,
+                  f"{args.name}: @champion moved back from v{old} to v{new}")
+            return 0
+        if args.version is None:
+            raise ValueError("lens promote needs VERSION (or --rollback)")
+        report = promote.check_gates(args.name, args.version)
+        if report.passed and not args.dry_run:
+            report = promote.promote(args.name, args.version, reason=args.reason)
+    except promote.PromotionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    lines = [f"{'ok  ' if c.passed else 'FAIL'} {c.gate}: {c.value:.4g} (limit {c.limit:.4g})"
+             for c in report.checks]
+    verb = "would be promoted" if args.dry_run else "promoted to @champion"
+    verdict = verb if report.passed else f"fails its gates: {report.failures()}"
+    _emit(report.to_json() | {"dry_run": args.dry_run}, args.json,
+          "\n".join([*lines, f"{args.name} v{args.version} {verdict}"]))
+    return 0 if report.passed else 1
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from lens_model.eval.geneval import EvalProtocol
+    from lens_model.recipe import load_recipe
+    from tasks import compare
+
+    result = compare.compare(args.a, args.b)
+    recipe = load_recipe(args.recipe)
+    grid = compare.side_by_side_grid(args.a, args.b, EvalProtocol.from_recipe(recipe.eval),
+                                     Path(args.out))
+    result["grid"] = str(grid)
+    width = 44
+
+    def row(key: str, pair: list[Any]) -> str:
+        a, b = (f"{v:.4g}" if isinstance(v, float) else str(v) for v in pair)
+        return f"  {key[:width]:<{width}} {a[:30]:<30} {b[:30]}"
+
+    lines = [f"  {'':<{width}} {'A: ' + args.a:<30} B: {args.b}"]
+    for title in ("params_differ", "lineage", "scores", "baseline", "compute"):
+        lines.append(title.replace("_", " "))
+        lines += [row(k, v) for k, v in result[title].items()] or ["  (none)"]
+    lines.append(f"grid {grid} (A above B, same prompts and seeds; "
+                 f"legend {grid.with_suffix('.txt')})")
+    _emit(result, args.json, "\n".join(lines))
     return 0
 
 
@@ -183,6 +259,45 @@ def cmd_train_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def _slug(prompt: str, limit: int = 48) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", prompt.lower())[:limit].strip("-") or "image"
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from lens_model.pipeline import check_aspect, load_pipeline, parse_size
+    from tasks.registry import local_model
+
+    if args.size:  # a bad size fails here, before a model is loaded
+        check_aspect(*parse_size(args.size))
+    if args.steps < 1 or args.batch < 1:
+        raise ValueError(f"--steps {args.steps} and --batch {args.batch} must both be >= 1")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[
+        args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")]
+    pipe = load_pipeline(local_model(args.model), dtype=dtype).to(device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths, flags = [], {}
+    # per-image seeds (seed + index): chunking into batches does not change any image
+    for start in range(0, len(args.prompts), args.batch):
+        chunk = args.prompts[start:start + args.batch]
+        result = pipe(chunk, size=args.size, num_inference_steps=args.steps,
+                      guidance_scale=args.cfg, negative_prompt=args.negative,
+                      seed=args.seed + start, sampler=args.sampler)
+        flags.update(result.flags)
+        for i, (prompt, image) in enumerate(zip(chunk, result.images, strict=True), start):
+            path = out / f"{i:02d}-{_slug(prompt)}.png"
+            image.save(path)
+            paths.append(str(path))
+    for flag in flags.values():
+        print(f"warning: {flag}", file=sys.stderr)
+    _emit({"images": paths, "flags": flags, "model": args.model, "seed": args.seed},
+          args.json, "\n".join(paths))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lens", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -242,6 +357,43 @@ def parser() -> argparse.ArgumentParser:
     rend.add_argument("--vae", help="VAE folder on the nodes (default: the recipe's vae.path)")
     _overrides(rend)
     rend.set_defaults(func=cmd_train_render)
+
+    gen = sub.add_parser("generate", help="images from a trained model, one PNG per prompt")
+    gen.add_argument("prompts", nargs="+", metavar="PROMPT")
+    gen.add_argument("--model", required=True, help="a saved LensPipeline folder, a training "
+                     "run's final/ folder, or an MLflow URI models:/NAME@ALIAS | NAME/VERSION")
+    gen.add_argument("--size", help="WIDTHxHEIGHT in pixels (default: the largest trained area)")
+    gen.add_argument("--steps", type=int, default=20)
+    gen.add_argument("--cfg", type=float, default=5.0, help="guidance scale; <= 1 turns CFG off")
+    gen.add_argument("--negative", default="", help="negative prompt (default: none)")
+    gen.add_argument("--seed", type=int, default=0, help="image i gets seed + i")
+    gen.add_argument("--sampler", choices=["euler", "heun"], default="euler")
+    gen.add_argument("--out", default="generated", help="folder for the PNGs")
+    gen.add_argument("--batch", type=int, default=4, help="prompts per forward batch")
+    gen.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
+    gen.add_argument("--dtype", choices=["float32", "bfloat16"],
+                     help="weights dtype (default: bfloat16 on cuda, float32 on cpu)")
+    gen.add_argument("--json", action="store_true")
+    gen.set_defaults(func=cmd_generate)
+
+    prom = sub.add_parser("promote", help="gate a model version and move @champion to it")
+    prom.add_argument("name", help="registered model name")
+    prom.add_argument("version", nargs="?", help="the version to promote")
+    prom.add_argument("--dry-run", action="store_true", help="check the gates, move nothing")
+    prom.add_argument("--rollback", action="store_true",
+                      help="move @champion back to the champion it replaced")
+    prom.add_argument("--reason", default="", help="recorded on the version")
+    prom.add_argument("--json", action="store_true")
+    prom.set_defaults(func=cmd_promote)
+
+    comp = sub.add_parser("compare", help="two runs side by side: params, lineage, scores, "
+                          "compute, and one image grid")
+    comp.add_argument("a", help="a pipeline or stage run id, or NAME/VERSION")
+    comp.add_argument("b", help="the same for the other side")
+    comp.add_argument("--recipe", default="tiny", help="whose eval protocol draws the grid")
+    comp.add_argument("--out", default="compare/grid.png", help="where the grid goes")
+    comp.add_argument("--json", action="store_true")
+    comp.set_defaults(func=cmd_compare)
 
     recipe = sub.add_parser("recipe", help="print a resolved recipe and its hash")
     recipe.add_argument("recipe")

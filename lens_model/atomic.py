@@ -1,7 +1,8 @@
-"""Atomic writes: a file appears whole under its final name, or not at all."""
+"""Atomic writes (a file appears whole under its final name, or not at all) and file locks."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
@@ -45,3 +46,16 @@ def write_with(path: str | Path, writer: Callable[[Path], None]) -> None:
     """Atomically write ``path`` through ``writer(tmp_path)`` (e.g. a Parquet writer)."""
     with atomic_path(path) as tmp:
         writer(tmp)
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if missing) for the ``with`` block; other
+    processes on this host that ask for it wait."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

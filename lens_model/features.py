@@ -7,8 +7,9 @@ directory and never reads another's features; each file also carries both ids in
 and a file whose ids differ from the cache's is refused. Files are written atomically.
 
 Layout of a shard file: tensors ``{key}.text`` (T, D), ``{key}.mask`` (T,) and ``{key}.latent``
-(C, h, w) per sample, T and (h, w) free per sample; metadata ``encoder_id``, ``vae_id``,
-``format`` and ``keys`` (JSON list, in build order).
+(C, h, w) per sample, T and (h, w) free per sample, plus ``{key}.short`` (T', D), the short
+caption's text features, for samples that have one; metadata ``encoder_id``, ``vae_id``,
+``format``, ``keys`` (JSON list, in build order) and ``short`` (the keys with short features).
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from torch import Tensor
 
 from lens_model.atomic import atomic_path, write_json
 
-FORMAT = "lens-features/1"
-Features = tuple[Tensor, Tensor, Tensor]  # text (T, D), mask (T,), latent (C, h, w)
+FORMAT = "lens-features/2"
+# text (T, D), mask (T,), latent (C, h, w), short-caption text (T', D) or None
+Features = tuple[Tensor, Tensor, Tensor, Tensor | None]
+Sample = tuple[str, Tensor, Tensor, Tensor, Tensor | None]  # key and its Features
 
 
 class FeatureCache:
@@ -57,9 +60,8 @@ class FeatureCache:
         self._check_header(path)
         return True
 
-    def build_shard(self, shard_name: str, samples: Iterable[tuple[str, Tensor, Tensor, Tensor]]
-                    ) -> Path:
-        """Write one shard's ``(key, text (T, D), mask (T,), latent (C, h, w))`` samples.
+    def build_shard(self, shard_name: str, samples: Iterable[Sample]) -> Path:
+        """Write one shard's ``(key, text (T, D), mask (T,), latent (C, h, w), short)`` samples.
 
         Nothing is written unless every sample is valid and the iterable finishes; an existing
         file is replaced only by a complete new one.
@@ -67,13 +69,14 @@ class FeatureCache:
         path = self.path_for(shard_name)
         tensors: dict[str, Tensor] = {}
         keys: list[str] = []
+        with_short: list[str] = []
         dims: dict[str, tuple[str, int]] = {}  # "text"/"latent" -> (first key, its D or C)
         for item in samples:
-            if not isinstance(item, tuple | list) or len(item) != 4:
+            if not isinstance(item, tuple | list) or len(item) != 5:
                 raise ValueError(f"shard {shard_name!r}: each sample must be (key, text, mask, "
-                                 f"latent), got {type(item).__name__} of length "
+                                 f"latent, short or None), got {type(item).__name__} of length "
                                  f"{len(item) if isinstance(item, tuple | list) else '?'}")
-            key, text, mask, latent = item
+            key, text, mask, latent, short = item
             where = f"shard {shard_name!r}, sample {key!r}"
             if not isinstance(key, str) or not key:
                 raise ValueError(f"shard {shard_name!r}: sample key {key!r} must be a "
@@ -81,13 +84,20 @@ class FeatureCache:
             if f"{key}.text" in tensors:
                 raise ValueError(f"{where}: duplicate key; each key may appear once per shard")
             _check_shapes(where, text, mask, latent, dims, key)
+            if short is not None:
+                if not isinstance(short, torch.Tensor) or short.ndim != 2 or \
+                        short.shape[1] != text.shape[1]:
+                    raise ValueError(f"{where}: short caption features must be a (T', "
+                                     f"{text.shape[1]}) tensor like its text, or None")
+                tensors[f"{key}.short"] = short.detach().to("cpu").contiguous().clone()
+                with_short.append(key)
             # clone: slices of one batch tensor share storage, which safetensors refuses
             tensors[f"{key}.text"] = text.detach().to("cpu").contiguous().clone()
             tensors[f"{key}.mask"] = mask.detach().to("cpu").contiguous().clone()
             tensors[f"{key}.latent"] = latent.detach().to("cpu").contiguous().clone()
             keys.append(key)
         metadata = {"format": FORMAT, "encoder_id": self.encoder_id, "vae_id": self.vae_id,
-                    "keys": json.dumps(keys)}
+                    "keys": json.dumps(keys), "short": json.dumps(with_short)}
         ids_file = self.dir / "ids.json"
         if not ids_file.exists():  # for people browsing the cache: which dir holds what
             write_json(ids_file, {"encoder_id": self.encoder_id, "vae_id": self.vae_id})
@@ -100,9 +110,11 @@ class FeatureCache:
         return self._check_header(self._existing(shard_name))
 
     def load(self, shard_name: str, keys: Iterable[str] | None = None) -> dict[str, Features]:
-        """``{key: (text, mask, latent)}`` for all or only the given ``keys`` (read lazily)."""
+        """``{key: (text, mask, latent, short)}`` for all or only the given ``keys``."""
         path = self._existing(shard_name)
         stored = self._check_header(path)
+        with safe_open(str(path), framework="pt") as f:
+            names = set(f.keys())
         wanted = stored if keys is None else list(keys)
         missing = sorted(set(wanted) - set(stored))
         if missing:
@@ -111,8 +123,9 @@ class FeatureCache:
         out: dict[str, Features] = {}
         with safe_open(str(path), framework="pt") as f:
             for key in wanted:
+                short = f.get_tensor(f"{key}.short") if f"{key}.short" in names else None
                 out[key] = (f.get_tensor(f"{key}.text"), f.get_tensor(f"{key}.mask"),
-                            f.get_tensor(f"{key}.latent"))
+                            f.get_tensor(f"{key}.latent"), short)
         return out
 
     def _existing(self, shard_name: str) -> Path:
@@ -141,6 +154,7 @@ class FeatureCache:
                                  f"not this cache's file: delete it and rebuild the shard")
         keys = json.loads(meta.get("keys", "[]"))
         expected = {f"{k}.{part}" for k in keys for part in ("text", "mask", "latent")}
+        expected |= {f"{k}.short" for k in json.loads(meta.get("short", "[]"))}
         if names != expected:
             raise ValueError(f"feature file {path} holds tensors that do not match its key list "
                              f"({len(names)} vs {len(expected)} expected); delete it and "

@@ -1,5 +1,5 @@
 """Rectified flow: the noising path, the velocity loss, timestep sampling with a resolution
-shift, and the Euler sampler.
+shift, and the Euler and Heun samplers.
 
 Convention (t = 1 is pure noise, as in SD3/FLUX):
     x_t = (1 - t) * x0 + t * noise,    v = dx_t/dt = noise - x0.
@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 ShiftRule = Callable[[Tensor], Tensor]
+VelocityFn = Callable[[Tensor, Tensor], Tensor]  # (x (B, ...), t (B,)) -> v
 
 
 def add_noise(x0: Tensor, noise: Tensor, t: Tensor | float) -> Tensor:
@@ -159,30 +160,62 @@ def cfg_velocity(cond: Tensor, uncond: Tensor, scale: float, token_dim: int = -1
     return combined * (c_norm / g_norm.clamp(min=1e-12))
 
 
-def euler_sample(velocity_fn: Callable[[Tensor, Tensor], Tensor], noise: Tensor, steps: int,
-                 mu: Tensor | float, guidance: float | None = None,
-                 token_dim: int = -1) -> Tensor:
-    """Integrate dx/dt = v from t = 1 (``noise`` (B, ...)) to t = 0 with N Euler steps.
+def flow_sample(velocity_fn: VelocityFn, noise: Tensor, sigmas: Tensor,
+                guidance: float | None = None, token_dim: int = -1, order: int = 1) -> Tensor:
+    """Integrate dx/dt = v from ``sigmas[0]`` (``noise`` (B, ...)) down the schedule ``sigmas``
+    ((N + 1,), or (N + 1, B) per sample, ending at 0), with Euler (``order=1``) or Heun
+    (``order=2``) steps.
 
-    ``velocity_fn(x, t)`` takes x (B, ...) and t (B,). With ``guidance`` it is called once per
-    step on the batch of 2B, [x; x] with [t; t] (its first half conditioned, its second half
-    unconditioned, as the caller arranges), and the halves are combined by :func:`cfg_velocity`.
+    ``velocity_fn(x, t)`` takes x (B, ...) and t (B,). With ``guidance`` it is called on the
+    batch of 2B, [x; x] with [t; t] (its first half conditioned, its second half
+    unconditioned, as the caller arranges), and the halves are combined by :func:`cfg_velocity`;
+    Heun guides both of its evaluations this way. Heun's step to sigma 0 stays Euler: its
+    corrector would query the model at t = 0, which training almost never samples, for the
+    last and smallest step (the EDM convention). Euler takes N model calls, Heun 2N - 1.
     """
+    if order not in (1, 2):
+        raise ValueError(f"sampler order must be 1 (Euler) or 2 (Heun), got {order}")
     b = noise.shape[0]
-    sigmas = euler_sigmas(steps, mu).to(noise.device)  # (N + 1,) or (N + 1, B)
+    sigmas = sigmas.to(noise.device)
+    if sigmas.ndim not in (1, 2) or len(sigmas) < 2:
+        raise ValueError(f"sigmas of shape {tuple(sigmas.shape)}: expected (N + 1,) or "
+                         f"(N + 1, B) with N >= 1, as euler_sigmas gives")
     if sigmas.ndim == 2 and sigmas.shape[1] != b:
-        raise ValueError(f"mu holds {sigmas.shape[1]} values for a batch of {b}; pass one "
-                         f"mu per sample or a single float")
+        raise ValueError(f"sigmas (mu) hold {sigmas.shape[1]} values for a batch of {b}; pass "
+                         f"one mu per sample or a single float")
     x = noise
-    for i in range(steps):
-        t = sigmas[i].expand(b) if sigmas.ndim == 1 else sigmas[i]  # (B,)
-        if guidance is None:
-            v = velocity_fn(x, t.to(x.dtype))
-        else:
-            both = velocity_fn(torch.cat([x, x]), torch.cat([t, t]).to(x.dtype))  # (2B, ...)
-            v = cfg_velocity(both[:b], both[b:], guidance, token_dim)
-        x = x + _per_row(sigmas[i + 1] - sigmas[i], x) * v
+    for i in range(len(sigmas) - 1):
+        t, t_next = (s.expand(b) if s.ndim == 0 else s for s in (sigmas[i], sigmas[i + 1]))
+        dt = _per_row(t_next - t, x)
+        v = _guided(velocity_fn, x, t, guidance, token_dim)
+        x_next = x + dt * v
+        if order == 2 and bool((t_next > 0).all()):
+            v_next = _guided(velocity_fn, x_next, t_next, guidance, token_dim)
+            x_next = x + dt * (v + v_next) / 2  # trapezoid: the mean slope over the step
+        x = x_next
     return x
+
+
+def euler_sample(velocity_fn: VelocityFn, noise: Tensor, steps: int, mu: Tensor | float,
+                 guidance: float | None = None, token_dim: int = -1) -> Tensor:
+    """N Euler steps from t = 1 to 0 on :func:`euler_sigmas` (see :func:`flow_sample`)."""
+    return flow_sample(velocity_fn, noise, euler_sigmas(steps, mu), guidance, token_dim, order=1)
+
+
+def heun_sample(velocity_fn: VelocityFn, noise: Tensor, steps: int, mu: Tensor | float,
+                guidance: float | None = None, token_dim: int = -1) -> Tensor:
+    """N Heun steps (the last one Euler) on :func:`euler_sigmas` (see :func:`flow_sample`)."""
+    return flow_sample(velocity_fn, noise, euler_sigmas(steps, mu), guidance, token_dim, order=2)
+
+
+def _guided(velocity_fn: VelocityFn, x: Tensor, t: Tensor, guidance: float | None,
+            token_dim: int) -> Tensor:
+    """v(x, t), or with ``guidance`` the CFG combination of one call on [x; x] (2B)."""
+    if guidance is None:
+        return velocity_fn(x, t.to(x.dtype))
+    b = x.shape[0]
+    both = velocity_fn(torch.cat([x, x]), torch.cat([t, t]).to(x.dtype))  # (2B, ...)
+    return cfg_velocity(both[:b], both[b:], guidance, token_dim)
 
 
 def _per_row(t: Tensor | float, x: Tensor) -> Tensor:

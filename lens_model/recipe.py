@@ -140,6 +140,8 @@ class VaeSection(Section):
     steps: int = Field(300, ge=1)
     lr: float = Field(1e-3, gt=0)
     kl_weight: float = Field(1e-6, ge=0)
+    token_budget: int | None = Field(None, ge=1, description="tokens per VAE training batch "
+                                     "(images x token_px^2 px); default loader.token_budget")
 
     @model_validator(mode="after")
     def _check(self) -> VaeSection:
@@ -164,8 +166,16 @@ class PretrainSection(Section):
     ckpt_every: int = Field(1000, ge=1)
     keep_last: int = Field(3, ge=1)
     sample_every: int = Field(1000, ge=1, description="steps between fixed-prompt sample grids")
+    snapshots: bool = Field(False, description="also save the EMA model at every sample_every "
+                            "step (RUN/snapshots/), for learning curves")
     log_every: int = Field(10, ge=1)
     features: Literal["cached", "online"] = Field("cached", description="precomputed or live")
+    caption_dropout: float = Field(
+        0.1, ge=0, lt=1, description="chance a sample trains with no text at all, what an "
+        "empty (negative) prompt gives at inference: the unconditional branch of CFG")
+    short_caption_prob: float = Field(
+        0.0, ge=0, le=1, description="chance a sample trains on its short caption, where it has "
+        "one (caption mixing); 0 trains on long captions only, as the paper does")
     timestep_mean: float = 0.0
     timestep_std: float = Field(1.0, gt=0)
     mu_base_tokens: int = Field(256, ge=1, description="mu rule: mu_base at this token count")
@@ -188,6 +198,28 @@ class LaunchSection(Section):
 
 class TrackingSection(Section):
     experiment: str = "lens"
+    model_name: str = Field("lens", description="registered model name in the MLflow registry")
+
+
+class EvalSection(Section):
+    """Shapes-GenEval's fixed protocol (lens_model.eval.geneval): prompts, seeds, sampling."""
+
+    prompts_per_category: int = Field(20, ge=1)
+    prompt_seed: int = 0
+    size: str = Field("32x32", pattern=r"^[1-9][0-9]*x[1-9][0-9]*$", description="WxH")
+    steps: int = Field(20, ge=1)
+    cfg: float = Field(4.0, ge=0)
+    sampler: Literal["euler", "heun"] = "euler"
+    seed: int = 0
+
+
+class GatesSection(Section):
+    """What a candidate must show before it takes the champion alias."""
+
+    min_overall: float = Field(0.0, ge=0, le=1, description="minimum overall eval score")
+    max_regression: float = Field(0.05, ge=0, le=1,
+                                  description="largest drop in any category vs the champion")
+    max_latency_s: float = Field(10.0, gt=0, description="seconds per image at eval settings")
 
 
 class Recipe(Section):
@@ -202,10 +234,17 @@ class Recipe(Section):
     pretrain: PretrainSection = Field(default_factory=PretrainSection)
     launch: LaunchSection = Field(default_factory=LaunchSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    gates: GatesSection = Field(default_factory=GatesSection)
 
     def hash(self) -> str:
         """Stable 12-hex hash of the resolved recipe."""
         return _digest(self.model_dump(mode="json"))
+
+    def train_hash(self) -> str:
+        """Hash of what decides the trained weights: all but evaluation, gates and tracking,
+        so changing those reuses the trained stages."""
+        return _digest(self.model_dump(mode="json", exclude={"eval", "gates", "tracking"}))
 
     def data_hash(self) -> str:
         """Hash of what decides the dataset's content: not how many workers build it."""

@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
 from lens_model.data.tokens import MINILM, minilm_dir
@@ -64,9 +66,14 @@ def is_causal(config: Any) -> bool:
         a.endswith(_CAUSAL_SUFFIXES) for a in archs)
 
 
-class TextConnector(nn.Module):
-    """The trainable part: one RMSNorm per selected layer, concatenated, then a linear map."""
+class TextConnector(ModelMixin, ConfigMixin):
+    """The trainable part: one RMSNorm per selected layer, concatenated, then a linear map.
 
+    A diffusers model so a pipeline can save and load it as a component; its state dict is
+    the plain module's (``norms.i.weight``, ``proj.*``), so training checkpoints load as is.
+    """
+
+    @register_to_config
     def __init__(self, n_layers: int, hidden: int, width: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.hidden = hidden

@@ -144,38 +144,52 @@ def segment_mask(segment_ids: Tensor) -> Tensor:
     return ((same & real) | eye)[:, None]
 
 
-Segments = list[tuple[int, Tensor, Tensor]]  # (row, query index, key index) per sample
+SEGMENT_ROUND = 16  # segment lengths round up to this, so few batched attention calls remain
+# Per group of segments of one rounded length: (row, position) of each of its n slots as
+# (k,) rows and (k, n) positions, and (k, n) which slots are real (the rest pad the group).
+Segments = list[tuple[Tensor, Tensor, Tensor]]
 
 
 def segment_index(segment_ids: Tensor) -> tuple[Segments, Tensor]:
-    """Per row and segment, the positions of its tokens; and the (row, position) pairs of
-    padding tokens. Computed once per forward, shared by every block."""
-    found: Segments = []
+    """Segments grouped by length rounded up to ``SEGMENT_ROUND``, and the (row, position)
+    pairs of padding tokens. Computed once per forward, shared by every block."""
+    by_len: dict[int, list[tuple[int, Tensor]]] = {}
     for row, ids in enumerate(segment_ids):
         for seg in torch.unique(ids[ids >= 0]).tolist():
-            keys = (ids == seg).nonzero().squeeze(1)
-            found.append((row, keys, keys))
-    return found, (segment_ids < 0).nonzero()  # (P, 2)
+            pos = (ids == seg).nonzero().squeeze(1)
+            by_len.setdefault(-(-len(pos) // SEGMENT_ROUND) * SEGMENT_ROUND, []).append((row, pos))
+    groups: Segments = []
+    for n, members in sorted(by_len.items()):
+        rows = torch.tensor([r for r, _ in members], device=segment_ids.device)
+        idx = torch.zeros((len(members), n), dtype=torch.long, device=segment_ids.device)
+        real = torch.zeros((len(members), n), dtype=torch.bool, device=segment_ids.device)
+        for j, (_, pos) in enumerate(members):
+            idx[j, :len(pos)], real[j, :len(pos)] = pos, True
+        groups.append((rows, idx, real))
+    return groups, (segment_ids < 0).nonzero()  # (P, 2)
 
 
 def segment_attention(q: Tensor, k: Tensor, v: Tensor, index: tuple[Segments, Tensor]) -> Tensor:
     """Attention within each segment only: what the block-diagonal mask computes, at the cost
-    of sum(n_i^2) instead of L^2. q (B, H, Lq, D), k/v (B, H, L, D) -> (B, H, Lq, D).
-    A padding query attends to itself alone, so its output is its own value."""
-    found, pads = index
+    of sum(n_i^2) instead of L^2, in one batched call per group of similar-length segments.
+    q (B, H, Lq, D), k/v (B, H, L, D) -> (B, H, Lq, D). A padding query attends to itself
+    alone, so its output is its own value."""
+    groups, pads = index
     lq = q.shape[2]  # the last block queries image tokens only: positions < lq
-    out = q.new_zeros(q.shape)
-    for row, qi, ki in found:
-        qi = qi[qi < lq]
-        if len(qi) == 0:
-            continue
-        res = F.scaled_dot_product_attention(q[row, :, qi][None], k[row, :, ki][None],
-                                             v[row, :, ki][None])  # (1, H, n_q, D)
-        out[row] = out[row].index_copy(1, qi, res[0])
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # (B, L, H, D)
+    out = qt.new_zeros(qt.shape)
+    for rows, idx, real in groups:
+        r = rows[:, None].expand_as(idx)
+        qs = qt[r, idx.clamp(max=lq - 1)]  # (k, n, H, D); rows past lq are computed, not kept
+        res = F.scaled_dot_product_attention(qs.transpose(1, 2), kt[r, idx].transpose(1, 2),
+                                             vt[r, idx].transpose(1, 2),
+                                             attn_mask=real[:, None, None, :])  # (k, H, n, D)
+        keep = real & (idx < lq)
+        out = out.index_put((r[keep], idx[keep]), res.transpose(1, 2)[keep])
     pads = pads[pads[:, 1] < lq]
     if len(pads):
-        out[pads[:, 0], :, pads[:, 1]] = v[pads[:, 0], :, pads[:, 1]]
-    return out
+        out = out.index_put((pads[:, 0], pads[:, 1]), vt[pads[:, 0], pads[:, 1]])
+    return out.transpose(1, 2)
 
 
 def timestep_embedding(t: Tensor, dim: int = TIME_FREQ_DIM, max_period: float = 10000.0) -> Tensor:

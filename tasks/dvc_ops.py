@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import subprocess
 import sys
@@ -37,14 +36,8 @@ def repo_root(repo: str | Path | None = None) -> Path:
 @contextmanager
 def serialized(root: Path) -> Iterator[None]:
     """Hold the repo-wide lock that keeps DVC commands from running at once."""
-    lock = root / ".dvc" / "tmp" / "lens-serial.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with atomic.file_lock(root / ".dvc" / "tmp" / "lens-serial.lock"):
+        yield
 
 
 def dvc(root: Path, *args: str, check: bool = True) -> str:

@@ -8,7 +8,9 @@ starting over.
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ PROGRAM = Path(importlib.util.find_spec("lens_model.train.pretrain").origin)  # 
 
 
 def job_name(recipe: Recipe, dvc_hash: str) -> str:
-    return f"pretrain-{recipe.name}-{recipe.hash()}-{dvc_hash[:8]}"
+    return f"pretrain-{recipe.name}-{recipe.train_hash()}-{dvc_hash[:8]}"
 
 
 def command(recipe: Recipe, args: list[str]) -> list[str]:
@@ -41,6 +43,18 @@ def command(recipe: Recipe, args: list[str]) -> list[str]:
     return torchrun_cmd(nproc_per_node=launch.nproc_per_node, nnodes=1, node_rank=0,
                         master_addr=launch.master_addr, master_port=launch.master_port,
                         script=PROGRAM, args=args)
+
+
+def _finished(run_dir: Path, steps: int) -> dict[str, Any] | None:
+    """The trainer's final event, if the run's last event says it finished all ``steps``."""
+    events = run_dir / "events.jsonl"
+    if not events.is_file():
+        return None
+    lines = events.read_text().splitlines()
+    last = json.loads(lines[-1]) if lines else {}
+    final = last.get("final", {})
+    done = final.get("steps") == steps and Path(final.get("model_dir", "")).is_dir()
+    return final if done else None
 
 
 @task(name="pretrain", retries=1, retry_delay_seconds=5)
@@ -59,6 +73,12 @@ def pretrain(tree: dict[str, Any], dataset: str, vae: str, dvc_hash: str,
                                                                "lens.job": job}
     existing = mlflow.search_runs([exp], filter_string=f"tags.`lens.job` = '{job}'",
                                   output_format="list", max_results=1)
+    done = _finished(run_dir, recipe.pretrain.steps)
+    if done and existing:  # a rerun of a finished job: nothing to launch
+        logger.info(f"{job} finished all {recipe.pretrain.steps} steps before; reusing "
+                    f"{done['model_dir']}")
+        return {"run_id": existing[0].info.run_id, "job": job, "run_dir": str(run_dir),
+                "compute_s": 0.0, **done}
     final: dict[str, Any] = {}
     with mlflow.start_run(run_id=existing[0].info.run_id if existing else None,
                           experiment_id=exp, run_name=job, tags=tags,
@@ -83,6 +103,9 @@ def pretrain(tree: dict[str, Any], dataset: str, vae: str, dvc_hash: str,
             if "final" in event:
                 final.update(event["final"])
 
+        started = time.perf_counter()
         run_streaming(command(recipe, args), run_dir, on_event, logger.info)
+        compute_s = time.perf_counter() - started  # the trainer's lifetime; streaming overlaps
         mlflow.set_tags({"lens.model_dir": final.get("model_dir", "")})
-        return {"run_id": run.info.run_id, "job": job, "run_dir": str(run_dir), **final}
+        return {"run_id": run.info.run_id, "job": job, "run_dir": str(run_dir),
+                "compute_s": compute_s, **final}

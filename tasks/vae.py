@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 
 import mlflow
 from lens import defaults
@@ -18,14 +17,19 @@ from lens_model.recipe import Recipe
 from lens_model.train.vae_train import held_out_images, reconstruction_grid, train_vae
 from lens_model.vae import SemanticVAE
 from tasks import tracking
-from tasks.dataset import code_fingerprint
+from tasks.cache import keyed_by
 
 HELD_OUT = 32
 VAE_CODE = ("lens_model/vae.py", "lens_model/train/vae_train.py", "tasks/vae.py")
 
 
-def _vae_code(context: Any, parameters: dict[str, Any]) -> str:
-    return code_fingerprint(VAE_CODE)
+def _vae_inputs(params: dict[str, Any]) -> dict[str, Any]:
+    """What decides the trained VAE: its section, the data and how batches are drawn."""
+    tree = params["tree"]
+    return {k: tree[k] for k in ("seed", "vae", "buckets")} | {
+        "shuffle_buffer": tree["loader"]["shuffle_buffer"],
+        "token_budget": tree["vae"]["token_budget"] or tree["loader"]["token_budget"],
+        "dataset": params["dataset"], "dvc_hash": params["dvc_hash"]}
 
 
 def vae_dir(recipe: Recipe, dvc_hash: str) -> Path:
@@ -34,22 +38,23 @@ def vae_dir(recipe: Recipe, dvc_hash: str) -> Path:
     return defaults.lens_home() / "vae" / f"{recipe.name}-{dvc_hash[:8]}-{key}"
 
 
-@task(name="vae", persist_result=True,
-      cache_policy=INPUTS + TASK_SOURCE + CachePolicy.from_cache_key_fn(_vae_code))
-def vae_stage(tree: dict[str, Any], dataset: str, dvc_hash: str, parent_run_id: str = "") -> str:
-    """The VAE folder to use: the recipe's pretrained path, or one trained here (cached)."""
+@task(name="vae", persist_result=True, cache_policy=keyed_by(_vae_inputs, VAE_CODE))
+def vae_stage(tree: dict[str, Any], dataset: str, dvc_hash: str,
+              parent_run_id: str = "") -> dict[str, Any]:
+    """The VAE folder to use (``dir``): the recipe's pretrained path, or one trained here
+    (cached); ``compute_s`` is the training loop's time."""
     recipe = Recipe.model_validate(tree)
     v = recipe.vae
     if v.source == "pretrained":
         if not Path(str(v.path)).is_dir():
             raise FileNotFoundError(f"vae.path {v.path!r} is not a local folder; download the "
                                     f"AutoencoderKLFlux2 there or set vae.source=train")
-        return str(v.path)
+        return {"dir": str(v.path), "compute_s": 0.0}
     logger = get_run_logger()
     out = vae_dir(recipe, dvc_hash)
     vae = SemanticVAE.tiny(latent_channels=v.latent_channels, downsample=v.downsample)
     loader = PackedLoader(dataset, buckets_for(recipe.buckets), recipe.buckets.token_px,
-                          recipe.loader.token_budget, recipe.seed, num_workers=0,
+                          v.token_budget or recipe.loader.token_budget, recipe.seed, num_workers=0,
                           shuffle_buffer=recipe.loader.shuffle_buffer)
     held_out = held_out_images(dataset, HELD_OUT, max(recipe.buckets.base_sizes))
     exp = tracking.experiment(recipe.tracking.experiment)
@@ -69,5 +74,5 @@ def vae_stage(tree: dict[str, Any], dataset: str, dvc_hash: str, parent_run_id: 
         vae.save_pretrained(out)
         mlflow.set_tag("lens.vae_dir", str(out))
     logger.info(f"VAE: PSNR {metrics['psnr_before']:.2f} -> {metrics['psnr']:.2f} dB, {out}")
-    return str(out)
+    return {"dir": str(out), "compute_s": metrics["seconds"]}
 

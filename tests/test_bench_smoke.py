@@ -105,3 +105,25 @@ def test_gpu_infer_smoke_times_batch_one_and_two(tmp_path: Path) -> None:
     ref = got["reference"]
     assert ref["target_ms_batch_1"] == 40.0 and ref["diffusers_sd3_mmdit_ms"]["batch_1"] == 71.7
     assert got["within_target"] is None  # a CPU number says nothing about the H100 target
+
+
+SHORT_PIPELINE = ["data.num_samples=64", "data.samples_per_shard=32", "vae.steps=4",
+                  "pretrain.steps=6", "pretrain.sample_every=3", "pretrain.ckpt_every=3",
+                  "eval.prompts_per_category=1", "gates.max_latency_s=60"]
+
+
+@pytest.mark.slow
+def test_pipeline_bench_splits_wall_time_into_compute_and_overhead(tmp_path: Path) -> None:
+    args = sum((["--set", s] for s in SHORT_PIPELINE), [])
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "pipeline_bench.py"), *args,
+                           "--out", str(tmp_path / "p.json")], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads((tmp_path / "p.json").read_text())
+    first, rerun = got["runs"]
+    assert set(first["stages_compute_s"]) == {"data", "vae", "pretrain", "evaluate", "register",
+                                              "promote"}
+    assert 0 < first["compute_s"] < first["wall_s"] and 0 < got["overhead_fraction"] < 1
+    # the rerun's cached stages did no work of their own
+    assert rerun["stages_compute_s"]["vae"] == rerun["stages_compute_s"]["evaluate"] == 0
+    assert rerun["version"] == first["version"]

@@ -106,8 +106,11 @@ def test_ema_follows_the_closed_form_and_skips_frozen_params() -> None:
         with torch.no_grad():
             model[0].weight.fill_(value)
         ema.update(model)
-    # 1 -> 0.75 * 1 + 0.25 * 3 = 1.5 -> 0.75 * 1.5 + 0.25 * 5 = 2.375
-    assert torch.all(ema.shadow["0.weight"] == 2.375) and ema.updates == 2
+    # warm-up decays min(0.75, 1/10) = 0.1, then min(0.75, 2/11):
+    # 1 -> 0.1 * 1 + 0.9 * 3 = 2.8 -> 2/11 * 2.8 + 9/11 * 5 = 4.6
+    assert torch.allclose(ema.shadow["0.weight"], torch.tensor(4.6)) and ema.updates == 2
+    ema.updates = 10_000
+    assert ema.current_decay == 0.75  # warmed up: the configured decay
 
 
 def test_ema_swap_restores_and_file_round_trips(tmp_path: Path) -> None:

@@ -10,13 +10,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lens_model.features import FeatureCache
+from lens_model.features import FeatureCache, Sample
 
 ENC, VAE = "minilm-l6-v2@abc123", "flux2-vae@def456"
 
 
-def _samples(n: int, seed: int = 0) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Samples of varying text length and latent size, as an encoder and VAE would give."""
+def _samples(n: int, seed: int = 0) -> list[Sample]:
+    """Samples of varying text length and latent size, as an encoder and VAE would give; odd
+    ones carry short-caption features."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(n):
@@ -24,7 +25,8 @@ def _samples(n: int, seed: int = 0) -> list[tuple[str, torch.Tensor, torch.Tenso
         h, w = (4, 8) if i % 2 else (6, 6)
         text = torch.randn(t, 16, generator=g).to(torch.bfloat16)
         mask = torch.arange(t) < t - i  # trailing padding on some
-        out.append((f"{i:06d}", text, mask, torch.randn(32, h, w, generator=g)))
+        short = torch.randn(2 + i, 16, generator=g).to(torch.bfloat16) if i % 2 else None
+        out.append((f"{i:06d}", text, mask, torch.randn(32, h, w, generator=g), short))
     return out
 
 
@@ -37,11 +39,13 @@ def test_round_trip_exact_with_variable_sizes(tmp_path: Path) -> None:
     assert cache.keys("shard-00000") == [k for k, *_ in samples]
     loaded = cache.load("shard-00000")
     assert list(loaded) == [k for k, *_ in samples]
-    for key, text, mask, latent in samples:
-        got_text, got_mask, got_latent = loaded[key]
+    for key, text, mask, latent, short in samples:
+        got_text, got_mask, got_latent, got_short = loaded[key]
         assert got_text.dtype == torch.bfloat16 and got_mask.dtype == torch.bool
         assert torch.equal(got_text, text) and torch.equal(got_mask, mask)
         assert torch.equal(got_latent, latent)
+        assert (got_short is None) == (short is None)
+        assert short is None or torch.equal(got_short, short)
     # a subset, read lazily
     part = cache.load("shard-00000", keys=["000003"])
     assert list(part) == ["000003"] and torch.equal(part["000003"][2], samples[3][3])
@@ -54,8 +58,8 @@ def test_slices_of_one_batch_tensor_are_stored(tmp_path: Path) -> None:
     hidden, latents = torch.randn(3, 7, 8), torch.randn(3, 4, 2, 2)
     masks = torch.ones(3, 7, dtype=torch.bool)
     cache = FeatureCache(tmp_path, ENC, VAE)
-    cache.build_shard("s", [(f"k{i}", hidden[i, : 3 + i], masks[i, : 3 + i], latents[i])
-                            for i in range(3)])
+    cache.build_shard("s", [(f"k{i}", hidden[i, : 3 + i], masks[i, : 3 + i], latents[i],
+                             hidden[i, :2]) for i in range(3)])
     assert torch.equal(cache.load("s")["k2"][0], hidden[2, :5])
 
 
@@ -98,7 +102,7 @@ def test_tampered_metadata_is_refused_naming_both_ids(tmp_path: Path) -> None:
 def test_atomic_no_partial_file_when_writer_raises(tmp_path: Path) -> None:
     cache = FeatureCache(tmp_path, ENC, VAE)
 
-    def failing() -> Iterator[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def failing() -> Iterator[Sample]:
         yield from _samples(3)
         raise RuntimeError("encoder crashed")
 
@@ -120,15 +124,20 @@ def test_atomic_no_partial_file_when_writer_raises(tmp_path: Path) -> None:
 
 def test_bad_input_names_the_sample(tmp_path: Path) -> None:
     cache = FeatureCache(tmp_path, ENC, VAE)
-    key, text, mask, latent = _samples(1)[0]
+    key, text, mask, latent, _ = _samples(1)[0]
     with pytest.raises(ValueError, match=r"sample '000000'.*mask has 2 entries for 3"):
-        cache.build_shard("s", [(key, text, mask[:2], latent)])
+        cache.build_shard("s", [(key, text, mask[:2], latent, None)])
     with pytest.raises(ValueError, match=r"sample 'b'.*latent channels C is 4.*'a' has 32"):
-        cache.build_shard("s", [("a", text, mask, latent), ("b", text, mask, latent[:4])])
+        cache.build_shard("s", [("a", text, mask, latent, None),
+                                ("b", text, mask, latent[:4], None)])
     with pytest.raises(ValueError, match=r"sample 'a'.*duplicate key"):
-        cache.build_shard("s", [("a", text, mask, latent)] * 2)
+        cache.build_shard("s", [("a", text, mask, latent, None)] * 2)
     with pytest.raises(ValueError, match=r"expected text \(T, D\)"):
-        cache.build_shard("s", [(key, text[None], mask, latent)])
+        cache.build_shard("s", [(key, text[None], mask, latent, None)])
+    with pytest.raises(ValueError, match=r"sample '000000'.*short caption features"):
+        cache.build_shard("s", [(key, text, mask, latent, text[:, :3])])
+    with pytest.raises(ValueError, match=r"latent, short or None"):
+        cache.build_shard("s", [(key, text, mask, latent)])
     with pytest.raises(ValueError, match=r"plain file name"):
         cache.path_for("../escape")
     with pytest.raises(FileNotFoundError, match=r"shard 'missing'.*build_shard"):

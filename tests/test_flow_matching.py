@@ -12,6 +12,8 @@ from lens_model.flow_matching import (
     cfg_velocity,
     euler_sample,
     euler_sigmas,
+    flow_sample,
+    heun_sample,
     per_token,
     sample_timesteps,
     shift,
@@ -207,6 +209,69 @@ def test_euler_per_sample_mu_and_guidance() -> None:
                                atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match=r"one mu per sample"):
         euler_sample(exact, noise, 4, torch.tensor([1.0, 1.0, 1.0]))
+
+
+def _gaussian_flow(m: float, s: float):
+    """The exact rectified-flow velocity to data N(m, s^2) from noise N(0, 1), and its ODE
+    solution. x_t = (1 - t) m + sigma_t z with sigma_t^2 = (1 - t)^2 s^2 + t^2 and z fixed along
+    a path, so integrating from noise z at t = 1 ends at m + s z; the field is curved in t."""
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = t.view(-1, *([1] * (x.ndim - 1))).to(torch.float64)
+        var = (1 - t) ** 2 * s * s + t * t
+        return (-m + (t - (1 - t) * s * s) / var * (x - (1 - t) * m)).to(x.dtype)
+
+    return velocity, lambda noise: m + s * noise
+
+
+@pytest.mark.parametrize("mu", [0.0, 1.0])
+def test_heun_is_second_order_where_euler_is_first(mu: float) -> None:
+    velocity, solution = _gaussian_flow(0.5, 1.0)
+    noise = torch.randn(4, 64, generator=_gen(15), dtype=torch.float64)
+
+    def err(sampler, steps: int) -> float:
+        return (sampler(velocity, noise, steps, mu) - solution(noise)).abs().max().item()
+
+    e8, e20 = err(euler_sample, 8), err(euler_sample, 20)
+    h8, h20 = err(heun_sample, 8), err(heun_sample, 20)
+    # 44x at mu 0; 7x at mu 1, where the shifted schedule leaves a larger last (Euler) step
+    assert h20 < e20 / (20 if mu == 0 else 5)
+    # observed order from 8 to 20 steps, error ~ steps^-order: Euler 1, Heun 2
+    assert math.log(e8 / e20) / math.log(20 / 8) == pytest.approx(1.0, abs=0.3)
+    assert math.log(h8 / h20) / math.log(20 / 8) > 1.7
+
+
+def test_heun_calls_guidance_and_last_step() -> None:
+    velocity, _ = _gaussian_flow(-0.3, 0.7)
+    noise = torch.randn(2, 8, 4, generator=_gen(16))
+    calls: list[tuple[int, float]] = []
+
+    def counted(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        calls.append((len(x), t[0].item()))
+        return velocity(x, t)
+
+    sigmas = euler_sigmas(5, 0.7)
+    out = heun_sample(counted, noise, 5, 0.7)
+    # 2N - 1 model calls: the step to sigma 0 is Euler, so t = 0 is never queried
+    assert [t for _, t in calls] == pytest.approx(
+        [sigmas[0].item()] + [v for v in sigmas[1:-1].tolist() for _ in range(2)])
+    # CFG at scale 1 keeps the conditioned half (garbage in the unconditioned one)
+    calls.clear()
+
+    def with_uncond(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        v = counted(x, t)
+        return torch.cat([v[:len(v) // 2], torch.randn_like(v[len(v) // 2:])])
+
+    guided = heun_sample(with_uncond, noise, 5, 0.7, guidance=1.0)
+    torch.testing.assert_close(guided, out)
+    assert {b for b, _ in calls} == {4} and len(calls) == 9
+    # one step is Euler in both; per-sample mu works as in Euler
+    torch.testing.assert_close(heun_sample(velocity, noise, 1, 0.7),
+                               euler_sample(velocity, noise, 1, 0.7))
+    mus = torch.tensor([0.2, 1.1])
+    both = heun_sample(velocity, noise, 6, mus)
+    torch.testing.assert_close(both[1:], heun_sample(velocity, noise[1:], 6, 1.1))
+    with pytest.raises(ValueError, match=r"order must be 1 \(Euler\) or 2 \(Heun\)"):
+        flow_sample(velocity, noise, sigmas, order=3)
 
 
 def test_cfg_velocity_rescales_each_token_to_cond_norm() -> None:

@@ -1,11 +1,18 @@
-"""The pipeline end to end on the tiny recipe, shortened: data -> vae -> pretrain, with the
-MLflow parent run, the stage runs under it, the streamed losses, sample grids and a model."""
+"""The pipeline end to end on the tiny recipe, shortened: data -> vae -> pretrain -> evaluate
+-> register -> promote, with the MLflow parent run, the stage runs under it, the streamed
+losses, sample grids, a registered model that loads in a fresh process, and a cached rerun."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 import mlflow
@@ -13,10 +20,21 @@ from lens import cli
 
 SHORT = ["data.num_samples=64", "data.samples_per_shard=32", "vae.steps=4",
          "pretrain.steps=6", "pretrain.log_every=2", "pretrain.sample_every=3",
-         "pretrain.ckpt_every=3"]
+         "pretrain.ckpt_every=3", "eval.prompts_per_category=2", "gates.min_overall=0",
+         "gates.max_latency_s=60", "tracking.model_name=lens-pipeline-test"]
+LOAD = """
+import io, sys
+import mlflow, pandas as pd
+from PIL import Image
+model = mlflow.pyfunc.load_model("models:/lens-pipeline-test@candidate")
+out = model.predict(pd.DataFrame({"prompt": ["a photo of a red circle"]}),
+                    params={"steps": 2, "cfg": 3.0, "size": "48x24", "seed": 0})
+print(Image.open(io.BytesIO(out["image"][0])).size)
+"""
 
 
-def test_tiny_pipeline_trains_and_tracks(prefect_server, dvc_repo: Path, capsys) -> None:
+def test_tiny_pipeline_trains_and_tracks(prefect_server, dvc_repo: Path, capsys,
+                                        tmp_path: Path) -> None:
     args = ["run", "tiny", "--repo", str(dvc_repo), "--json",
             *sum((["--set", s] for s in SHORT), [])]
     assert cli.main(args) == 0
@@ -31,7 +49,24 @@ def test_tiny_pipeline_trains_and_tracks(prefect_server, dvc_repo: Path, capsys)
     assert parent.info.status == "FINISHED" and parent.data.tags["lens.model_dir"] == str(model)
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert {r.data.tags["lens.stage"] for r in children} == {"data", "vae", "pretrain"}
+    assert {r.data.tags["lens.stage"] for r in children} == {"data", "vae", "pretrain",
+                                                            "evaluate", "register"}
+    assert set(out["stages"]) == {"data", "vae", "pretrain", "evaluate", "register", "promote"}
+    assert set(out["scores"]) == set(out["baseline_scores"]) >= {"overall", "colors"}
+    assert Path(out["eval_grid"]).is_file() and out["aliases"] == ["candidate", "champion"]
+    ev = [r for r in children if r.data.tags["lens.stage"] == "evaluate"][0]
+    assert ev.data.tags["lens.eval_hash"] == out["eval_hash"] and "eval/overall" in ev.data.metrics
+    mv = client.get_model_version(out["model"], out["version"])
+    assert mv.tags["lens.dvc_hash"] == out["dvc_hash"] and mv.tags["lens.eval_hash"]
+    assert mv.tags["lens.run.pretrain"] == out["pretrain_run_id"] and "eval.colors" in mv.tags
+    assert mv.tags["lens.prefect_flow_run_id"] and mv.tags["lens.git_commit"]
+    assert "Shapes-GenEval" in mv.description
+    # The registered pyfunc loads and draws in a fresh process with only the project installed.
+    env = {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", LOAD], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "(48, 24)"
     pre = client.get_run(out["pretrain_run_id"])
     losses = client.get_metric_history(pre.info.run_id, "train/loss")
     assert [m.step for m in losses] == [2, 4, 6]
@@ -48,12 +83,64 @@ def test_tiny_pipeline_trains_and_tracks(prefect_server, dvc_repo: Path, capsys)
     recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
     assert recipe["pretrain"]["steps"] == 6
 
-    # The same job again (a retry, or a rerun): every stage is reused, and pretraining resumes
-    # from its last checkpoint into the same MLflow run instead of starting over.
+    # The same job again (a rerun): every stage is reused; the finished pretraining job is
+    # found by its name and not relaunched (a killed one resumes: see the test below).
     assert cli.main(args) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again["pretrain_run_id"] == out["pretrain_run_id"]
     assert again["dvc_hash"] == out["dvc_hash"] and again["vae_dir"] == out["vae_dir"]
-    events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
-    assert events[-1]["final"]["steps"] == 6 and events[-1]["final"]["train_seconds"] < 5
+    # evaluation and registration are cached: the same scores and the same model version
+    assert again["version"] == out["version"] and again["scores"] == out["scores"]
+    assert again["aliases"] == ["candidate", "champion"]
+
+    # A reviewer compares the two pipeline runs: one by run id, one by NAME/VERSION.
+    ref = f"{again['model']}/{again['version']}"
+    assert cli.main(["compare", again["parent_run_id"], ref, "--json",
+                     "--out", str(tmp_path / "cmp.png")]) == 0
+    cmp = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert cmp["a"]["parent_run_id"] == again["parent_run_id"]
+    assert cmp["b"]["parent_run_id"] == out["parent_run_id"]  # the version's own run
+    assert cmp["scores"]["eval/overall"][0] == cmp["scores"]["eval/overall"][1]
+    assert "compute/flops_total" in cmp["compute"] and cmp["params_differ"] == {}
+    flows = cmp["lineage"]["lens.prefect_flow_run_id"]
+    assert flows[0] != flows[1] and Path(cmp["grid"]).is_file()
+    after = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert after == events  # the finished trainer was not launched again
     assert [m.step for m in client.get_metric_history(pre.info.run_id, "train/loss")] == [2, 4, 6]
+
+
+@pytest.mark.slow
+def test_killed_mid_pretraining_resumes_from_its_last_checkpoint(prefect_server,
+                                                                 dvc_repo: Path) -> None:
+    """SIGKILL the whole `lens run` process group once a checkpoint exists; the rerun picks
+    up that checkpoint (not step 0) and finishes the same MLflow run."""
+    from prefect.settings import PREFECT_API_URL
+
+    steps = ["pretrain.steps=40", "pretrain.ckpt_every=10", "pretrain.sample_every=100",
+             "pretrain.log_every=5", "tracking.model_name=lens-kill-test"]
+    overrides = [s for s in SHORT if not s.startswith(("pretrain.", "tracking."))] + steps
+    args = ["run", "tiny", "--repo", str(dvc_repo), "--json",
+            *sum((["--set", s] for s in overrides), [])]
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+    proc = subprocess.Popen([sys.executable, "-m", "lens.cli", *args], start_new_session=True,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runs = Path(os.environ["LENS_HOME"]) / "runs"
+    try:
+        for _ in range(600):
+            ckpts = list(runs.glob("pretrain-tiny-*/checkpoints/step-*"))
+            if any(not c.name.startswith(".") for c in ckpts) or proc.poll() is not None:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, "lens run ended before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    run_dir = next(c.parent.parent for c in runs.glob("pretrain-tiny-*/checkpoints/step-*"))
+    events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert "final" not in events[-1]  # killed before the end
+    assert cli.main(args) == 0
+    events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+    starts = [(e["step"], Path(e["resumed_from"]).name) for e in events if "resumed_from" in e]
+    assert starts[0] == (0, "") and starts[-1][0] >= 10, starts  # the rerun began at a checkpoint
+    assert starts[-1][1] == f"step-{starts[-1][0]:08d}"
+    assert events[-1]["final"]["steps"] == 40

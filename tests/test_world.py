@@ -17,11 +17,13 @@ from PIL import Image, ImageDraw
 from lens_model.buckets import Bucket, make_buckets
 from lens_model.data.captions import (
     CATEGORIES,
+    NUMBERS,
     Prompt,
     long_caption,
     prompt_set,
     sample_prompt,
     satisfies,
+    short_caption,
     word_count,
 )
 from lens_model.data.shapes import make_items
@@ -30,6 +32,7 @@ from lens_model.data.world import (
     COLORS,
     PATTERNS,
     PLURALS,
+    RELATIONS,
     SHAPES,
     SIZES,
     Obj,
@@ -358,3 +361,38 @@ def test_make_items_refuses_bad_arguments():
         list(make_items(0, 0, 1, TINY, 0, 4))
     with pytest.raises(ValueError, match="16x16"):
         list(make_items(0, 0, 1, [Bucket(16, 16, 16)], 1, 4))
+
+
+def test_short_captions_are_true_of_their_scenes() -> None:
+    """Every object is named with its count (and colour, when colours are named); a stated
+    relation holds; both wordings and relations all occur."""
+    seen = {"colour": 0, "plain": 0, "relation": 0}
+    for i in range(400):
+        rng = random.Random(i)
+        scene = sample_scene(rng)
+        text = short_caption(scene, rng)
+        assert text.startswith("a photo of ")
+        body = text.removeprefix("a photo of ")
+        rel = next((r for r in RELATIONS if f" {r} " in body), None)
+        named_colour = any(f" {c} " in f" {body} " for c in COLORS)
+        seen["colour" if named_colour else "plain"] += 1
+        if rel:
+            seen["relation"] += 1
+            left, right = body.split(f" {rel} ")
+            def named(o: Obj, phrase: str, colour: bool) -> bool:
+                return phrase.endswith(f"{o.color} {o.shape}" if colour else o.shape)
+
+            a = next(o for o in scene.objects if named(o, left, named_colour))
+            b = next(o for o in scene.objects if o is not a and named(o, right, named_colour))
+            assert rel in relation(a, b), (text, scene)
+        for shape in SHAPES:
+            group = [o for o in scene.objects if o.shape == shape]
+            if not group:
+                assert shape not in body.replace("crosses", "cross"), (text, scene)
+                continue
+            for colour in {o.color for o in group} if named_colour else {None}:
+                n = sum(colour in (None, o.color) for o in group)
+                noun = PLURALS[shape] if n > 1 else shape
+                phrase = " ".join(w for w in (colour, noun) if w)
+                assert (f"{NUMBERS[n]} {phrase}" if n > 1 else phrase) in body, (text, scene)
+    assert min(seen.values()) > 20, seen

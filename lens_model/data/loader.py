@@ -58,6 +58,7 @@ class Batch:
 
     keys: list[str]
     captions: list[str]
+    short_captions: list[str | None]
     images: list[Tensor]  # each (3, h, w) float32 in [-1, 1], h x w = its bucket
     grids: list[tuple[int, int]]  # (h // token_px, w // token_px) per sample
     buckets: list[str]  # bucket name "WxH" per sample
@@ -72,9 +73,9 @@ class Batch:
 class _BatchDecoder(Dataset):
     """Map-style dataset: item ``(epoch, index, rows)`` -> the decoded :class:`Batch`."""
 
-    def __init__(self, root: Path, keys: list[str], shards: list[str], captions: list[str],
-                 buckets: list[Bucket], token_px: int, decode: bool = True) -> None:
-        self.root, self.keys, self.shards, self.captions = root, keys, shards, captions
+    def __init__(self, root: Path, manifest: Manifest, buckets: list[Bucket], token_px: int,
+                 decode: bool = True) -> None:
+        self.root, self.manifest = root, manifest
         self.buckets, self.token_px, self.decode = buckets, token_px, decode
         self._open: dict[str, tuple[Any, dict]] = {}
         self._pid = os.getpid()
@@ -93,8 +94,10 @@ class _BatchDecoder(Dataset):
                                                   strict=True)]
         grids = [(self.buckets[r].height // self.token_px, self.buckets[r].width // self.token_px)
                  for r in rows]
-        return Batch([self.keys[r] for r in rows], [self.captions[r] for r in rows], images,
-                     grids, [self.buckets[r].name for r in rows], epoch, index)
+        m = self.manifest
+        return Batch([m.keys[r] for r in rows], [m.captions[r] for r in rows],
+                     [m.short_captions[r] for r in rows], images, grids,
+                     [self.buckets[r].name for r in rows], epoch, index)
 
     def _shard(self, shard: str, key: str) -> tuple[Any, dict]:
         if os.getpid() != self._pid:  # a forked worker: its inherited handles are not its own
@@ -108,7 +111,7 @@ class _BatchDecoder(Dataset):
         return self._open[shard]
 
     def _pixels(self, row: int) -> np.ndarray:
-        key, shard, bucket = self.keys[row], self.shards[row], self.buckets[row]
+        key, shard, bucket = self.manifest.keys[row], self.manifest.shards[row], self.buckets[row]
         fh, index = self._shard(shard, key)
         members = index.get(key, {})
         ext = image_member(members)
@@ -162,14 +165,14 @@ class PackedLoader:
         self.token_px, self.token_budget, self.seed = token_px, token_budget, seed
         self.rank, self.world_size = rank, world_size
         self.num_workers, self.shuffle_buffer = num_workers, shuffle_buffer
-        keys, shards, captions, names = read_manifest(self.root)
+        manifest = read_manifest(self.root)
+        keys, names = manifest.keys, manifest.buckets
         by_name = {b.name: b for b in buckets}
         row_buckets = [_bucket_of(k, n, by_name, token_px, token_budget)
                        for k, n in zip(keys, names, strict=True)]
         self.tokens = np.array([b.tokens(token_px) for b in row_buckets], dtype=np.int64)
         self._fingerprint = hashlib.sha256("\n".join(keys + names).encode()).hexdigest()[:16]
-        self._decoder = _BatchDecoder(self.root, keys, shards, captions, row_buckets, token_px,
-                                      decode)
+        self._decoder = _BatchDecoder(self.root, manifest, row_buckets, token_px, decode)
         self._plans: dict[int, list[list[int]]] = {}
         self._epoch, self._index = 0, 0
 
@@ -241,14 +244,26 @@ def to_signed(pixels: np.ndarray) -> Tensor:
     return torch.from_numpy(pixels.astype(np.float32)).div_(127.5).sub_(1.0)
 
 
-def read_manifest(root: Path) -> tuple[list[str], list[str], list[str], list[str]]:
-    """Keys, shards, captions and bucket names of a dataset's manifest, checked."""
+@dataclass
+class Manifest:
+    """The manifest columns training reads, one entry per row."""
+
+    keys: list[str]
+    shards: list[str]
+    captions: list[str]
+    short_captions: list[str | None]  # a short alternative caption, where the source gave one
+    buckets: list[str]  # bucket name "WxH"
+
+
+def read_manifest(root: Path) -> Manifest:
+    """Keys, shards, captions (long and short) and bucket names of a dataset's manifest, checked."""
     path = root / MANIFEST
     if not path.exists():
         raise FileNotFoundError(f"no {MANIFEST} in {root}; build the dataset (shards and "
                                 f"manifest) before loading it")
     columns = ["key", "shard", "caption", "bucket"]
-    table = pq.read_table(path, columns=columns)
+    optional = [c for c in ("short_caption",) if c in pq.read_schema(path).names]
+    table = pq.read_table(path, columns=columns + optional)
     if table.num_rows == 0:
         raise ValueError(f"{path} has no rows; build the dataset with at least one valid sample")
     out = [table.column(c).to_pylist() for c in columns]
@@ -257,7 +272,9 @@ def read_manifest(root: Path) -> tuple[list[str], list[str], list[str], list[str
             row = values.index(None)
             raise ValueError(f"{path}: row {row} (key {out[0][row]!r}) has no {c!r}; fix the "
                              f"manifest so every row has key, shard, caption and bucket")
-    return out[0], out[1], out[2], out[3]
+    short = (table.column("short_caption").to_pylist() if optional
+             else [None] * table.num_rows)  # manifests built before short captions existed
+    return Manifest(out[0], out[1], out[2], short, out[3])
 
 
 def _bucket_of(key: str, name: str, by_name: dict[str, Bucket], token_px: int,

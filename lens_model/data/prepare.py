@@ -131,6 +131,12 @@ def _caption_text(raw: bytes | None) -> str | None:
     return text.strip() or None
 
 
+def _short_caption(meta: dict[str, Any] | None) -> str | None:
+    """The source's short alternative caption (``meta["short_caption"]``), if it gave one."""
+    text = (meta or {}).get("short_caption")
+    return text.strip() or None if isinstance(text, str) else None
+
+
 def _json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, default=str)
 
@@ -172,6 +178,7 @@ def prepare_shard(items: Iterable[RawItem], shard_path: Path, buckets: list[Buck
             "source": item.source,
             "decodable": dec.rgb is not None, "blur": None, "entropy": None, "luminance": None,
             "meta": _json(item.meta) if item.meta is not None else None,
+            "short_caption": _short_caption(item.meta),
             "decode_error": dec.error,
         }
         if dec.rgb is not None:

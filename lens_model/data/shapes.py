@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from PIL import Image
 
 from lens_model.buckets import Bucket
-from lens_model.data.captions import long_caption
+from lens_model.data.captions import long_caption, short_caption
 from lens_model.data.items import RawItem
 from lens_model.data.world import MAX_OBJECTS, MIN_SIDE, relations, render, sample_scene
 
@@ -36,7 +36,10 @@ def encode_png(image: Image.Image) -> bytes:
 
 def make_items(seed: int, start: int, stop: int, buckets: list[Bucket], min_objects: int,
                max_objects: int) -> Iterator[RawItem]:
-    """Yield the samples ``start`` to ``stop - 1``: a PNG, its long caption and scene meta."""
+    """Yield the samples ``start`` to ``stop - 1``: a PNG, its long caption and scene meta.
+
+    The meta also holds a GenEval-worded ``short_caption`` of the scene, for caption mixing.
+    """
     if not 0 <= start <= stop:
         raise ValueError(f"shapes slice [{start}, {stop}) is invalid; need 0 <= start <= stop")
     if not buckets:
@@ -55,7 +58,10 @@ def make_items(seed: int, start: int, stop: int, buckets: list[Bucket], min_obje
         scene = sample_scene(rng, min_objects, max_objects)
         png = encode_png(render(scene, bucket.width, bucket.height))
         caption = long_caption(scene, bucket.width, bucket.height, rng)
-        meta = {"scene": scene.to_dict(), "width": bucket.width, "height": bucket.height,
+        # Its own rng, so adding it left every long caption as it was.
+        short = short_caption(scene, random.Random(f"shapes-short/{seed}/{index}"))
+        meta = {"scene": scene.to_dict(), "short_caption": short,
+                "width": bucket.width, "height": bucket.height,
                 "bucket": bucket.name, "relations": relations(scene), "seed": seed,
                 "index": index}
         yield RawItem(key=f"shapes-{index:09d}", source=SOURCE, image=png,

@@ -32,6 +32,7 @@ MANIFEST_SCHEMA = pa.schema([
     ("key", pa.string()),
     ("shard", pa.string()),
     ("caption", pa.string()),
+    ("short_caption", pa.string()),  # optional short alternative, for caption mixing
     ("word_count", pa.int32()),
     ("token_count", pa.int32()),
     ("width", pa.int32()),

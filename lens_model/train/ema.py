@@ -1,8 +1,9 @@
 """Exponential moving average of a model's trainable weights, kept in fp32.
 
-After each optimizer step, ``shadow = decay * shadow + (1 - decay) * param`` for every
-parameter that requires grad. The shadow lives on the parameters' device in fp32, whatever the
-model's dtype: in bf16 training it follows the bf16 working weights, whose rounding noise the
+After each optimizer step, ``shadow = d * shadow + (1 - d) * param`` for every parameter that
+requires grad, where d is ``decay`` warmed up over the first updates (``current_decay``).
+The shadow lives on the parameters' device in fp32, whatever the model's dtype: in bf16
+training it follows the bf16 working weights, whose rounding noise the
 average smooths out, and it costs no communication.
 
 ZeRO stages 0-2 keep the full parameters on every rank, so every rank holds the same shadow
@@ -65,8 +66,15 @@ class EMA:
         """Move the shadow toward the model's current weights (call after each optimizer step)."""
         shadow, params = self._matched(model)
         current = [p.detach().to(torch.float32) for p in params]
-        torch._foreach_lerp_(shadow, current, 1.0 - self.decay)
+        torch._foreach_lerp_(shadow, current, 1.0 - self.current_decay)
         self.updates += 1
+
+    @property
+    def current_decay(self) -> float:
+        """``decay``, warmed up as min(decay, (1 + n) / (10 + n)) after n updates: early on the
+        shadow follows the weights instead of keeping the initialisation for thousands of
+        steps (at decay 0.999, 37% of it would still be there after 1000 updates)."""
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:

@@ -36,11 +36,11 @@ from lens_model import atomic
 from lens_model.buckets import Bucket, buckets_for
 from lens_model.config import get_preset
 from lens_model.data import shards
-from lens_model.data.captions import long_caption
+from lens_model.data.captions import long_caption, short_caption
 from lens_model.data.loader import Batch, PackedLoader, fitted_pixels, read_manifest, to_signed
 from lens_model.data.world import render, sample_scene
 from lens_model.denoiser import LensDenoiser, sample_latents
-from lens_model.features import FeatureCache
+from lens_model.features import FeatureCache, Features
 from lens_model.flops import train_step_flops
 from lens_model.flow_matching import add_noise, per_token, sample_timesteps, shift_mu, velocity_loss
 from lens_model.packing import pack_tokens
@@ -87,9 +87,9 @@ def mu_rule(recipe: Recipe) -> dict[str, float]:
 def build_feature_cache(cache: FeatureCache, dataset: Path, encoder: LanguageEncoder,
                         vae: SemanticVAE, batch: int = 32) -> None:
     """Text hidden states and VAE latents of every manifest row, one file per shard."""
-    keys, shard_of, captions, bucket_of = read_manifest(dataset)
+    m = read_manifest(dataset)
     by_shard: dict[str, list[int]] = {}
-    for i, shard in enumerate(shard_of):
+    for i, shard in enumerate(m.shards):
         by_shard.setdefault(shard, []).append(i)
     for shard, idx in sorted(by_shard.items()):
         name = Path(shard).name
@@ -100,21 +100,26 @@ def build_feature_cache(cache: FeatureCache, dataset: Path, encoder: LanguageEnc
         with open(dataset / shard, "rb") as fh:
             for start in range(0, len(idx), batch):
                 part = idx[start:start + batch]
-                hidden, mask = encoder.hidden([captions[i] for i in part])
+                hidden, mask = encoder.hidden([m.captions[i] for i in part])
+                shorts = [m.short_captions[i] for i in part]
+                s_hidden, s_mask = (encoder.hidden([s or "" for s in shorts]) if any(shorts)
+                                    else (hidden, mask))
                 for j, i in enumerate(part):
-                    key, (w, h) = keys[i], map(int, bucket_of[i].split("x"))
+                    key, (w, h) = m.keys[i], map(int, m.buckets[i].split("x"))
                     data = shards.read_member(fh, *members[key][shards.image_member(members[key])])
                     img = to_signed(fitted_pixels(data, Bucket(w, h, 0)))  # (3, h, w)
                     latent = vae.encode_latent(img[None])[0]  # (C, h, w)
-                    n = int(mask[j].sum())
-                    samples.append((key, hidden[j, :n].clone(), mask[j, :n].clone(), latent))
+                    n, ns = int(mask[j].sum()), int(s_mask[j].sum())
+                    short = s_hidden[j, :ns].clone() if shorts[j] else None
+                    samples.append((key, hidden[j, :n].clone(), mask[j, :n].clone(), latent,
+                                    short))
         cache.build_shard(name, samples)
 
 
 class LossFn:
     """Packs a loader batch into one row and returns the rectified-flow velocity loss."""
 
-    def __init__(self, recipe: Recipe, features: dict[str, tuple[Tensor, Tensor, Tensor]] | None,
+    def __init__(self, recipe: Recipe, features: dict[str, Features] | None,
                  encoder: LanguageEncoder, vae: SemanticVAE, patch: int) -> None:
         self.recipe, self.features, self.encoder, self.vae, self.patch = (
             recipe, features, encoder, vae, patch)
@@ -122,12 +127,22 @@ class LossFn:
         self.last: dict[str, list[int]] = {"img": [], "txt": []}
 
     def _inputs(self, batch: Batch) -> tuple[list[Tensor], list[Tensor]]:
-        """Latents (C, h, w) and unpadded text hidden states (T, L*D) per sample."""
+        """Latents (C, h, w) and unpadded text hidden states (T, L*D) per sample.
+
+        Each sample with a short caption trains on it with ``short_caption_prob``; the draw uses
+        torch's generator, whose state checkpoints carry, so a resumed run draws the same.
+        """
+        draws = torch.rand(len(batch.keys)) < self.recipe.pretrain.short_caption_prob
+        short = [bool(d) and s is not None for d, s in zip(draws, batch.short_captions,
+                                                            strict=True)]
         if self.features is not None:
             got = [self.features[k] for k in batch.keys]
-            return [g[2] for g in got], [g[0] for g in got]
+            return [g[2] for g in got], [g[3] if s else g[0] for g, s in zip(got, short,
+                                                                             strict=True)]
+        captions = [c if not s else sc for c, sc, s in zip(batch.captions, batch.short_captions,
+                                                           short, strict=True)]
         with torch.no_grad():
-            hidden, mask = self.encoder.hidden(batch.captions)
+            hidden, mask = self.encoder.hidden(captions)
             latents = [self.vae.encode_latent(img[None])[0] for img in batch.images]
         return latents, [hidden[i, :int(mask[i].sum())] for i in range(len(batch.keys))]
 
@@ -138,8 +153,10 @@ class LossFn:
         grids = [(z.shape[1] // self.patch, z.shape[2] // self.patch) for z in latents]
         budget = self.recipe.loader.token_budget
         x0, seq = pack_tokens(tokens, grids, budget)  # (budget, 4C)
-        texts = [t if len(t) else t.new_zeros((1, t.shape[-1])) for t in texts]
-        lt = sum(len(t) for t in texts)
+        # Dropped captions have no text tokens, exactly as an empty prompt at inference.
+        drop = torch.rand(len(texts)) < self.recipe.pretrain.caption_dropout
+        texts = [t[:0] if d else t for t, d in zip(texts, drop, strict=True)]
+        lt = max(1, sum(len(t) for t in texts))
         txt, txt_seg, txt_pos = pack_text(texts, -(-lt // TEXT_MULTIPLE) * TEXT_MULTIPLE)
         counts = torch.tensor([len(t) for t in tokens])
         p = self.recipe.pretrain
@@ -156,7 +173,8 @@ class LossFn:
 
 
 def grid_prompts(recipe: Recipe) -> list[tuple[str, Image.Image]]:
-    """Fixed prompts (long captions of fixed scenes) with their ground-truth renders."""
+    """Fixed prompts of fixed scenes with their ground-truth renders: short captions where the
+    recipe trains mostly on them, long ones otherwise."""
     import random
 
     rng = random.Random(GRID_SEED)
@@ -165,7 +183,9 @@ def grid_prompts(recipe: Recipe) -> list[tuple[str, Image.Image]]:
     for _ in range(GRID_PROMPTS):
         scene = sample_scene(rng, recipe.data.min_objects,
                              max(recipe.data.min_objects, GRID_MAX_OBJECTS))
-        out.append((long_caption(scene, size, size, rng), render(scene, size, size)))
+        short = recipe.pretrain.short_caption_prob >= 0.5
+        text = short_caption(scene, rng) if short else long_caption(scene, size, size, rng)
+        out.append((text, render(scene, size, size)))
     return out
 
 
@@ -192,18 +212,21 @@ def sample_grid(denoiser: LensDenoiser, encoder: LanguageEncoder, vae: SemanticV
 
 
 def save_final(run: Path, denoiser: LensDenoiser, recipe: Recipe, vae_dir: str,
-               step: int) -> Path:
-    """The EMA model as a folder: transformer (diffusers), connector (safetensors), lens.json."""
-    final = run / "final"
-    tmp = run / ".final.tmp"
+               step: int, name: str = "final") -> Path:
+    """The EMA model as a folder ``run/name``: transformer (diffusers), connector
+    (safetensors), lens.json; written beside it, then moved into place."""
+    final = run / name
+    tmp = run / f".{name.replace('/', '-')}.tmp"
     denoiser.transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
     save_file({k: v.contiguous() for k, v in denoiser.connector.state_dict().items()},
               str(tmp / "connector.safetensors"))
     atomic.write_json(tmp / "lens.json", {
         "recipe": recipe.name, "recipe_hash": recipe.hash(), "step": step, "vae": vae_dir,
-        "text_encoder": recipe.text_encoder.model_dump(mode="json")})
+        "text_encoder": recipe.text_encoder.model_dump(mode="json"), "mu_rule": mu_rule(recipe),
+        "trained_areas": sorted({b.width * b.height for b in buckets_for(recipe.buckets)})})
     if final.exists():
         shutil.rmtree(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, final)
     return final
 
@@ -245,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                 init_distributed()
             dist.barrier()
         features = {}
-        for shard in sorted({Path(s).name for s in read_manifest(dataset)[1]}):
+        for shard in sorted({Path(s).name for s in read_manifest(dataset).shards}):
             features.update(cache.load(shard))
 
     loss_fn = LossFn(recipe, features, encoder, vae, cfg.patch_size)
@@ -263,8 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     events = Events(run, trainer.rank)
     device = recipe.launch.gpu_type if recipe.launch.device == "cuda" else "cpu"
     ledger = ComputeLedger(device, trainer.world_size)
+    trainer.restore(loader)  # the newest checkpoint, if any: a killed or retried job resumes
     events.emit(step=trainer.step, metrics={"model/params": float(sum(
-        x.numel() for x in denoiser.parameters())), "compute/deepspeed_init_s": trainer.init_s})
+        x.numel() for x in denoiser.parameters())), "compute/deepspeed_init_s": trainer.init_s},
+        resumed_from=str(trainer.resumed_from or ""))
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
         flops = train_step_flops(cfg, loss_fn.last["img"], loss_fn.last["txt"],
@@ -287,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
             return
         with trainer.ema.swap(trainer.module) if trainer.ema else nullcontext():
             grid = sample_grid(trainer.module, encoder, vae, recipe, max(recipe.buckets.base_sizes))
+            if p.snapshots:  # the EMA model at this step, for learning curves
+                save_final(run, trainer.module, recipe, args.vae, step,
+                           f"snapshots/step-{step:08d}")
         rel = f"samples/step-{step:08d}.png"
         (run / "samples").mkdir(exist_ok=True)
         atomic.write_with(run / rel, lambda tmp: grid.save(tmp, format="PNG"))

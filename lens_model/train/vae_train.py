@@ -179,9 +179,9 @@ def held_out_images(dataset: str | Path, n: int, size: int) -> Tensor:
     from lens_model.data.loader import fitted_pixels, read_manifest, to_signed
 
     root = Path(dataset)
-    keys, shard_of, _, _ = read_manifest(root)
+    manifest = read_manifest(root)
     out = []
-    for key, shard in list(zip(keys, shard_of, strict=True))[-n:]:
+    for key, shard in list(zip(manifest.keys, manifest.shards, strict=True))[-n:]:
         members = shards.index_shard(root / shard)[key]
         with open(root / shard, "rb") as fh:
             data = shards.read_member(fh, *members[shards.image_member(members)])

@@ -1,0 +1,90 @@
+"""Shapes-GenEval score against training compute, at fixed checkpoints of one pretraining run.
+
+    python bench/learning_bench.py [--recipe small] [--set section.key=value ...] \\
+        [--out bench/results/learning_bench.json]
+
+It runs the recipe's pipeline with ``pretrain.snapshots=true`` (the EMA model saved at every
+``pretrain.sample_every`` step), then scores every snapshot, and the untrained model, under the
+recipe's evaluation protocol. Each point holds the step, the training FLOPs and images seen
+so far (the compute ledger), the training wall time so far, and the per-category scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _ledger(run_dir: Path) -> dict[int, dict[str, float]]:
+    """Step -> the compute ledger's totals at that step (the last metrics event there)."""
+    out: dict[int, dict[str, float]] = {}
+    for line in (run_dir / "events.jsonl").read_text().splitlines():
+        event = json.loads(line)
+        if "compute/flops_total" in event.get("metrics", {}):
+            out[int(event["step"])] = event["metrics"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipe", default="small")
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--repo", default=str(REPO), help="the DVC repo the data flow uses")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "learning_bench.json"))
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(REPO))
+    from lens import defaults
+
+    defaults.apply()
+    from flows.pipeline import run
+    from lens_model.eval.geneval import (
+        EvalProtocol,
+        evaluate,
+        pipeline_generator,
+        untrained_like,
+    )
+    from lens_model.pipeline import load_pipeline
+    from lens_model.recipe import load_recipe
+
+    overrides = [*args.overrides, "pretrain.snapshots=true"]
+    recipe = load_recipe(args.recipe, overrides)
+    protocol = EvalProtocol.from_recipe(recipe.eval)
+    start = time.perf_counter()
+    result = run(args.recipe, overrides, args.repo)
+    pipeline_s = time.perf_counter() - start
+    run_dir = Path(result["run_dir"])
+    ledger = _ledger(run_dir)
+    snapshots = sorted((run_dir / "snapshots").glob("step-*"))
+    points = []
+    for i, snap in enumerate(snapshots):
+        step = int(snap.name.removeprefix("step-"))
+        pipe = load_pipeline(snap)
+        if i == 0:
+            base = evaluate(pipeline_generator(untrained_like(pipe, recipe.seed), protocol),
+                            protocol)
+            points.append({"step": 0, "flops": 0.0, "images": 0.0, "train_s": 0.0,
+                           "scores": base.scores})
+        report = evaluate(pipeline_generator(pipe, protocol), protocol)
+        m = ledger.get(step, {})
+        points.append({"step": step, "flops": m.get("compute/flops_total"),
+                       "images": m.get("compute/images_total"),
+                       "train_s": m.get("compute/wall_s"), "scores": report.scores,
+                       "seconds_per_image": report.seconds_per_image})
+        print(json.dumps(points[-1], default=float), flush=True)
+    out = {"benchmark": "learning_bench", "recipe": args.recipe, "recipe_hash": recipe.hash(),
+           "overrides": args.overrides, "eval_hash": protocol.hash(), "points": points,
+           "pipeline_s": pipeline_s, "run_dir": str(run_dir), "cpus": os.cpu_count()}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2, default=float) + "\n")
+    print(f"{len(points)} points -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,22 @@
+"""Stage cache keys from what decides a stage's output, never from per-run ids."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from typing import Any
+
+from prefect.cache_policies import TASK_SOURCE, CachePolicy
+
+from tasks.dataset import code_fingerprint
+
+
+def keyed_by(pick: Callable[[dict[str, Any]], Any], code: tuple[str, ...]) -> CachePolicy:
+    """Cache on what ``pick`` takes from the task's parameters, on the task's source and on
+    ``code``'s files: the parent MLflow run id, new every pipeline run, stays out of the key."""
+    def key(context: Any, parameters: dict[str, Any]) -> str:
+        blob = json.dumps([pick(parameters), code_fingerprint(code)], sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    return TASK_SOURCE + CachePolicy.from_cache_key_fn(key)

@@ -1,0 +1,83 @@
+"""The evaluation stage: shapes-GenEval of the trained model and of its untrained baseline.
+
+Both are scored under the recipe's fixed protocol, whose hash is logged with every score. One
+child MLflow run holds the per-category metrics (``eval/<category>``, ``baseline/<category>``),
+the latency, the protocol, the report (JSON) and the image grid (prompt under each image,
+green frame for pass, red for fail).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+
+import mlflow
+from lens import defaults
+from lens_model import atomic
+from lens_model.eval.geneval import (
+    EvalProtocol,
+    EvalReport,
+    evaluate,
+    pipeline_generator,
+    report_grid,
+    untrained_like,
+)
+from lens_model.pipeline import load_pipeline
+from lens_model.recipe import Recipe
+from tasks import tracking
+from tasks.cache import keyed_by
+
+EVAL_CODE = ("lens_model/eval", "lens_model/pipeline.py", "lens_model/flow_matching.py",
+             "lens_model/transformer.py", "tasks/evaluate.py")
+
+
+def _metrics(prefix: str, report: EvalReport) -> dict[str, float]:
+    return {f"{prefix}/{k}": v for k, v in report.scores.items()} | {
+        f"{prefix}/seconds_per_image": report.seconds_per_image}
+
+
+def _eval_inputs(params: dict[str, Any]) -> dict[str, Any]:
+    """What decides the scores: the protocol, the baseline's seed and the model's weights
+    (its lens.json names the training step and recipe; the run folder is per training job)."""
+    lens_json = Path(params["model_dir"]) / "lens.json"
+    return {"eval": params["tree"]["eval"], "seed": params["tree"]["seed"],
+            "model": params["model_dir"],
+            "lens.json": lens_json.read_text() if lens_json.is_file() else None}
+
+
+@task(name="evaluate", persist_result=True, cache_policy=keyed_by(_eval_inputs, EVAL_CODE))
+def evaluate_stage(tree: dict[str, Any], model_dir: str, dvc_hash: str,
+                   parent_run_id: str = "") -> dict[str, Any]:
+    """Score ``model_dir`` (a training final/ folder) and the untrained baseline."""
+    recipe = Recipe.model_validate(tree)
+    logger = get_run_logger()
+    protocol = EvalProtocol.from_recipe(recipe.eval)
+    start = time.perf_counter()
+    pipe = load_pipeline(model_dir)
+    report = evaluate(pipeline_generator(pipe, protocol), protocol)
+    baseline = evaluate(pipeline_generator(untrained_like(pipe, recipe.seed), protocol), protocol)
+    compute_s = time.perf_counter() - start
+    key = hashlib.sha256(model_dir.encode()).hexdigest()[:8]
+    out_dir = defaults.lens_home() / "eval" / f"{protocol.hash()}-{key}"
+    grid = out_dir / "grid.png"
+    atomic.write_with(grid, lambda tmp: report_grid(report).save(tmp, format="PNG"))
+    atomic.write_json(out_dir / "report.json", report.to_json())
+    exp = tracking.experiment(recipe.tracking.experiment)
+    tags = tracking.lineage(recipe, dvc_hash, parent_run_id) | {
+        "lens.stage": "evaluate", "lens.eval_hash": protocol.hash(), "lens.model_dir": model_dir}
+    with mlflow.start_run(experiment_id=exp, run_name=f"evaluate-{recipe.name}",
+                          tags=tags) as run:
+        mlflow.log_params({f"eval.{k}": v for k, v in report.to_json()["protocol"].items()})
+        mlflow.log_metrics(_metrics("eval", report) | _metrics("baseline", baseline))
+        mlflow.log_artifact(str(grid), "eval")
+        mlflow.log_artifact(str(out_dir / "report.json"), "eval")
+    logger.info(f"eval {protocol.hash()}: {report.scores} (untrained {baseline.scores}), "
+                f"{report.seconds_per_image:.3f} s/image, grid {grid}")
+    return {"run_id": run.info.run_id, "scores": report.scores,
+            "baseline_scores": baseline.scores, "seconds_per_image": report.seconds_per_image,
+            "eval_hash": protocol.hash(), "grid": str(grid),
+            "compute_s": compute_s}

@@ -1,0 +1,47 @@
+"""The registered model, as MLflow "models from code": a pyfunc that wraps LensPipeline.
+
+Input: a DataFrame with a ``prompt`` column. Params: ``steps``, ``cfg``, ``size`` ("WxH") and
+``seed`` (image i gets seed + i). Output: a DataFrame of ``prompt`` and ``image`` (PNG bytes).
+MLflow copies this file into the model; loading it needs only this project installed, and
+the pipeline's weights load from safetensors, offline.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pandas as pd
+from mlflow.models import set_model
+from mlflow.pyfunc import PythonModel
+
+
+class LensPyfunc(PythonModel):
+    """Prompts -> PNG images through the LensPipeline saved in the model's artifacts."""
+
+    def load_context(self, context: Any) -> None:
+        from lens_model.pipeline import LensPipeline
+
+        self.pipe = LensPipeline.from_pretrained(context.artifacts["pipeline"],
+                                                 local_files_only=True)
+
+    def predict(self, context: Any, model_input: pd.DataFrame,
+                params: dict[str, Any] | None = None) -> pd.DataFrame:
+        if "prompt" not in model_input:
+            raise ValueError(f"the input has columns {list(model_input.columns)}; pass a "
+                             "DataFrame with a 'prompt' column of strings")
+        p = params or {}
+        prompts = [str(x) for x in model_input["prompt"]]
+        images = self.pipe(prompts, size=p.get("size"), num_inference_steps=int(p.get("steps", 20)),
+                           guidance_scale=float(p.get("cfg", 5.0)),
+                           seed=int(p.get("seed", 0))).images
+        return pd.DataFrame({"prompt": prompts, "image": [_png(im) for im in images]})
+
+
+def _png(image: Any) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+set_model(LensPyfunc())

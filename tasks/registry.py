@@ -1,0 +1,148 @@
+"""The registry stage: one MLflow model version per pipeline run, aliased ``candidate``.
+
+The version is a pyfunc (``tasks/lens_pyfunc.py``) wrapping the saved LensPipeline. It carries
+lineage tags (data DVC hash, git commit, recipe hash, Prefect flow-run id, stage run ids, eval
+config hash), the eval scores and latency as tags (so the registry view shows them), the
+recipe's promotion gates, and a markdown model card (artifact and version description).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+from prefect import get_run_logger, task
+
+import mlflow
+from lens_model.pipeline import load_pipeline
+from lens_model.recipe import Recipe
+from tasks import tracking
+from tasks.cache import keyed_by
+
+PYFUNC = Path(__file__).with_name("lens_pyfunc.py")
+CANDIDATE, CHAMPION = "candidate", "champion"
+MODEL_URI_SCHEMES = ("models:/", "runs:/")
+
+
+def signature(recipe: Recipe) -> ModelSignature:
+    """Prompts in, PNG bytes out; sampling settings as params defaulting to the eval's."""
+    e = recipe.eval
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "prompt")]),
+        outputs=Schema([ColSpec("string", "prompt"), ColSpec("binary", "image")]),
+        params=ParamSchema([ParamSpec("steps", "long", e.steps), ParamSpec("cfg", "double", e.cfg),
+                            ParamSpec("size", "string", e.size), ParamSpec("seed", "long", 0)]))
+
+
+def model_card(recipe: Recipe, tags: dict[str, str], evaluation: dict[str, Any]) -> str:
+    """A markdown card: what the model is, how it was made, how it scores."""
+    scores = evaluation["scores"]
+    base = evaluation["baseline_scores"]
+    rows = "\n".join(f"| {k} | {v:.3f} | {base.get(k, float('nan')):.3f} |"
+                     for k, v in scores.items())
+    lineage = "\n".join(f"- `{k}`: {v}" for k, v in sorted(tags.items()))
+    e = recipe.eval
+    return f"""# {recipe.tracking.model_name}: Lens `{recipe.name}` recipe
+
+A Lens MMDiT ({recipe.model.preset} preset) trained with rectified flow on the
+`{recipe.data.source}` data, with the {recipe.text_encoder.path} text encoder (layers
+{recipe.text_encoder.layers}) and a semantic VAE ({recipe.vae.source}).
+
+## Shapes-GenEval
+Protocol `{evaluation['eval_hash']}`: {e.prompts_per_category} prompts per category (seed
+{e.prompt_seed}), {e.size}, {e.steps} {e.sampler} steps, CFG {e.cfg}, seed {e.seed}.
+
+| category | score | untrained |
+|---|---|---|
+{rows}
+
+Latency: {evaluation['seconds_per_image']:.3f} s per image at these settings.
+
+## Lineage
+{lineage}
+
+## Use
+```python
+import mlflow, pandas as pd
+model = mlflow.pyfunc.load_model("models:/{recipe.tracking.model_name}@candidate")
+out = model.predict(pd.DataFrame({{"prompt": ["a photo of a red circle"]}}),
+                    params={{"steps": {e.steps}, "cfg": {e.cfg}, "size": "{e.size}", "seed": 0}})
+```
+"""
+
+
+def _register_inputs(params: dict[str, Any]) -> dict[str, Any]:
+    """One version per trained model and evaluation: a rerun with nothing changed finds it."""
+    lens_json = Path(params["model_dir"]) / "lens.json"
+    return {"model": params["model_dir"], "eval": params["evaluation"]["eval_hash"],
+            "lens.json": lens_json.read_text() if lens_json.is_file() else None,
+            "name": params["tree"]["tracking"]["model_name"], "gates": params["tree"]["gates"]}
+
+
+@task(name="register", persist_result=True,
+      cache_policy=keyed_by(_register_inputs, ("tasks/registry.py", "tasks/lens_pyfunc.py")))
+def register(tree: dict[str, Any], model_dir: str, dvc_hash: str, evaluation: dict[str, Any],
+             stage_runs: dict[str, str], parent_run_id: str = "") -> dict[str, Any]:
+    """Log the pipeline as a pyfunc, register a new version and alias it ``candidate``."""
+    recipe = Recipe.model_validate(tree)
+    logger = get_run_logger()
+    name = recipe.tracking.model_name
+    exp = tracking.experiment(recipe.tracking.experiment)
+    lineage = tracking.lineage(recipe, dvc_hash, parent_run_id)
+    version_tags = {k: v for k, v in lineage.items() if not k.startswith("mlflow.")} | {
+        f"lens.run.{stage}": run for stage, run in stage_runs.items()} | {
+        "lens.eval_hash": evaluation["eval_hash"],
+        "lens.gates": recipe.gates.model_dump_json()} | {
+        f"eval.{k}": f"{v:.4f}" for k, v in evaluation["scores"].items()} | {
+        "eval.seconds_per_image": f"{evaluation['seconds_per_image']:.4f}"}
+    card = model_card(recipe, version_tags, evaluation)
+    with tempfile.TemporaryDirectory() as tmp:
+        pipeline_dir = Path(tmp) / "pipeline"
+        started = time.perf_counter()
+        load_pipeline(model_dir).save_pretrained(str(pipeline_dir))
+        compute_s = time.perf_counter() - started
+        with mlflow.start_run(experiment_id=exp, run_name=f"register-{recipe.name}",
+                              tags=lineage | {"lens.stage": "register"}) as run:
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=str(PYFUNC), artifacts={"pipeline": str(pipeline_dir)},
+                signature=signature(recipe), registered_model_name=name)
+            mlflow.log_text(card, "model_card.md")
+            mlflow.log_dict(evaluation["scores"], "eval_scores.json")
+    version = str(info.registered_model_version)
+    client = mlflow.MlflowClient()
+    for key, value in version_tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
+    client.update_model_version(name, version, description=card)
+    client.set_registered_model_alias(name, CANDIDATE, version)
+    logger.info(f"registered {name} version {version} as @{CANDIDATE}")
+    return {"name": name, "version": version, "run_id": run.info.run_id,
+            "model_uri": f"models:/{name}/{version}", "scores": evaluation["scores"],
+            "tags": json.loads(json.dumps(version_tags)), "compute_s": compute_s}
+
+
+def local_model(model: str) -> str:
+    """A local model folder: ``model`` itself, or an MLflow model URI downloaded.
+
+    A registered Lens model is an MLflow model with the saved LensPipeline as its artifact
+    ``pipeline``: pyfunc's layout, ``<model>/artifacts/pipeline``.
+    """
+    if not model.startswith(MODEL_URI_SCHEMES):
+        return model
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model))
+    except mlflow.exceptions.MlflowException as exc:
+        raise ValueError(f"--model {model!r} could not be resolved in MLflow "
+                         f"({mlflow.get_tracking_uri()}): {exc.message}; check the model name and "
+                         "its alias or version (models:/NAME@ALIAS or models:/NAME/VERSION)"
+                         ) from None
+    for folder in (local / "artifacts" / "pipeline", local):
+        if (folder / "model_index.json").is_file():
+            return str(folder)
+    raise FileNotFoundError(f"--model {model!r} holds no saved LensPipeline (looked for "
+                            f"artifacts/pipeline/model_index.json in {local}); log the pipeline "
+                            "folder as the model's artifact 'pipeline'")

@@ -1,0 +1,46 @@
+"""The pipeline run's summary as a Prefect markdown artifact, linking its MLflow runs."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+
+import mlflow
+
+
+def run_link(run_id: str) -> str:
+    """A markdown link to the run in the MLflow UI (``LENS_MLFLOW_UI``, default
+    mlflow/local-ui.sh's address)."""
+    ui = os.environ.get("LENS_MLFLOW_UI", "http://127.0.0.1:5000").rstrip("/")
+    exp = mlflow.MlflowClient().get_run(run_id).info.experiment_id
+    return f"[{run_id[:8]}]({ui}/#/experiments/{exp}/runs/{run_id})"
+
+
+@task(name="pipeline-report")
+def pipeline_report(recipe: str, result: dict[str, Any], runs: dict[str, str]) -> str:
+    """Stage times and MLflow runs, scores beside the untrained model's, the version."""
+    links = {stage: run_link(run_id) for stage, run_id in runs.items()}
+    rows = "\n".join(f"| {stage} | {seconds:.1f} | {links.get(stage, '')} |"
+                     for stage, seconds in result["stages"].items())
+    scores = "\n".join(f"| {k} | {v:.3f} | {result['baseline_scores'].get(k, 0.0):.3f} |"
+                       for k, v in result["scores"].items())
+    promotion = result["promotion"]
+    markdown = f"""# Lens pipeline: `{recipe}`
+
+Parent MLflow run {run_link(result['parent_run_id'])}; model `{result['model']}` version
+{result['version']} (aliases: {', '.join(promotion['aliases']) or 'none'};
+{'promoted' if promotion['promoted'] else 'not promoted: ' + promotion.get('reason', '')}).
+
+| stage | seconds | MLflow run |
+|---|---|---|
+{rows}
+
+| shapes-GenEval (`{result['eval_hash']}`) | score | untrained |
+|---|---|---|
+{scores}
+"""
+    return str(create_markdown_artifact(key=f"lens-pipeline-{recipe}", markdown=markdown,
+                                        description=f"pipeline run of recipe {recipe}"))

@@ -1,0 +1,59 @@
+"""Shapes-GenEval: the protocol's hash, scoring through a generator, the report grid."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lens_model.data.world import render
+from lens_model.eval.geneval import EvalProtocol, evaluate, report_grid
+from lens_model.recipe import load_recipe
+
+PROTOCOL = EvalProtocol(prompts_per_category=4, width=32, height=32)
+
+
+def truth(prompts: list[str], seeds: list[int]) -> list[Image.Image]:
+    """A perfect model: each prompt's ground-truth scene, rendered."""
+    scenes = {p.text: p.scene for p in PROTOCOL.prompts()}
+    return [render(scenes[p], PROTOCOL.width, PROTOCOL.height) for p in prompts]
+
+
+def noise(prompts: list[str], seeds: list[int]) -> list[Image.Image]:
+    """An untrained model: seeded noise, one image per (prompt, seed)."""
+    return [Image.fromarray(np.random.default_rng(s).integers(0, 256, (32, 32, 3), np.uint8))
+            for s in seeds]
+
+
+def test_protocol_hash_is_stable_and_covers_every_setting() -> None:
+    assert PROTOCOL.hash() == EvalProtocol(prompts_per_category=4, width=32, height=32).hash()
+    changed = [EvalProtocol(prompts_per_category=5, width=32, height=32),
+               EvalProtocol(prompts_per_category=4, width=32, height=32, cfg=5.0),
+               EvalProtocol(prompts_per_category=4, width=32, height=32, seed=1),
+               EvalProtocol(prompts_per_category=4, width=32, height=32, sampler="heun"),
+               EvalProtocol(prompts_per_category=4, width=48, height=32)]
+    assert len({PROTOCOL.hash(), *(p.hash() for p in changed)}) == 1 + len(changed)
+    tiny = EvalProtocol.from_recipe(load_recipe("tiny").eval)
+    assert (tiny.width, tiny.height) == (32, 32) and len(tiny.prompts()) == 6 * 20
+
+
+def test_perfect_model_scores_one_and_noise_zero_with_seeds_per_image() -> None:
+    seen: list[int] = []
+
+    def spy(prompts: list[str], seeds: list[int]) -> list[Image.Image]:
+        seen.extend(seeds)
+        return truth(prompts, seeds)
+
+    good = evaluate(spy, PROTOCOL, batch_size=5)
+    assert good.scores["overall"] == 1.0 and set(good.scores) >= {"colors", "position"}
+    assert seen == list(range(24))  # image i has seed protocol.seed + i, whatever the batch
+    bad = evaluate(noise, PROTOCOL)
+    assert bad.scores["overall"] == 0.0 and all(not r["passed"] for r in bad.results)
+    assert good.to_json()["protocol_hash"] == PROTOCOL.hash()
+    grid = report_grid(good)
+    assert grid.width > 10 * 32 and grid.height > 3 * 32
+
+
+def test_a_generator_returning_the_wrong_count_is_refused() -> None:
+    with pytest.raises(ValueError, match="returned 1 images for 24 prompts"):
+        evaluate(lambda p, s: truth(p, s)[:1], PROTOCOL, batch_size=64)
