@@ -77,7 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = {k: result[k] for k in keys} | {
         "recipe": result["recipe"], "recipe_hash": result["recipe_hash"],
         "aliases": promotion["aliases"], "promoted": promotion["promoted"],
-        "stages": result["stages"]}
+        "stages": result["stages"], "compute": result["compute"]}
     verdict = ("promoted to @champion" if promotion["promoted"] else
                f"not promoted: {promotion.get('reason', 'gates failed')}")
     human = _where(result) + "\n" + "\n".join([

@@ -61,6 +61,15 @@ def test_tiny_pipeline_trains_and_tracks(prefect_server, dvc_repo: Path, capsys,
     assert mv.tags["lens.run.pretrain"] == out["pretrain_run_id"] and "eval.colors" in mv.tags
     assert mv.tags["lens.prefect_flow_run_id"] and mv.tags["lens.git_commit"]
     assert "Shapes-GenEval" in mv.description
+    # the Prefect artifact: the summary table, linking the MLflow runs
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as prefect:
+        arts = prefect.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["lens-pipeline-tiny"])))
+    assert arts and f"/runs/{out['parent_run_id']}" in arts[-1].data
+    assert f"/runs/{out['pretrain_run_id']})" in arts[-1].data and "| evaluate |" in arts[-1].data
     # The registered pyfunc loads and draws in a fresh process with only the project installed.
     env = {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-c", LOAD], capture_output=True, text=True,
