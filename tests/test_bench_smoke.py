@@ -127,3 +127,18 @@ def test_pipeline_bench_splits_wall_time_into_compute_and_overhead(tmp_path: Pat
     # the rerun's cached stages did no work of their own
     assert rerun["stages_compute_s"]["vae"] == rerun["stages_compute_s"]["evaluate"] == 0
     assert rerun["version"] == first["version"]
+
+
+@pytest.mark.slow
+def test_learning_bench_scores_every_snapshot_against_compute(tmp_path: Path,
+                                                              dvc_repo: Path) -> None:
+    args = sum((["--set", s] for s in SHORT_PIPELINE), [])
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "learning_bench.py"),
+                           "--recipe", "tiny", *args, "--repo", str(dvc_repo),
+                           "--out", str(tmp_path / "l.json")], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads((tmp_path / "l.json").read_text())
+    assert [p["step"] for p in got["points"]] == [0, 3, 6]  # untrained, then each snapshot
+    assert got["points"][1]["flops"] > 0 and got["points"][2]["flops"] > got["points"][1]["flops"]
+    assert all("overall" in p["scores"] for p in got["points"])

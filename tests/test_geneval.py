@@ -34,7 +34,7 @@ def test_protocol_hash_is_stable_and_covers_every_setting() -> None:
                EvalProtocol(prompts_per_category=4, width=48, height=32)]
     assert len({PROTOCOL.hash(), *(p.hash() for p in changed)}) == 1 + len(changed)
     tiny = EvalProtocol.from_recipe(load_recipe("tiny").eval)
-    assert (tiny.width, tiny.height) == (32, 32) and len(tiny.prompts()) == 6 * 20
+    assert (tiny.width, tiny.height) == (32, 32) and len(tiny.prompts()) == 6 * 50
 
 
 def test_perfect_model_scores_one_and_noise_zero_with_seeds_per_image() -> None:
