@@ -76,10 +76,11 @@ def pipeline_flow(recipe: str = "tiny", overrides: list[str] | None = None,
                "run.register": version["run_id"]}
     data_tasks.close_parent(parent, summary)
     result = {**data, **summary, "parent_run_id": parent, "pretrain_job": trained["job"],
-            "run_dir": trained["run_dir"], "scores": scored["scores"],
-            "baseline_scores": scored["baseline_scores"], "eval_grid": scored["grid"],
-            "seconds_per_image": scored["seconds_per_image"], "eval_hash": scored["eval_hash"],
-            "promotion": promotion, "stages": stages, "compute": compute}
+              "run_dir": trained["run_dir"], "scores": scored["scores"],
+              "baseline_scores": scored["baseline_scores"], "eval_grid": scored["grid"],
+              "seconds_per_image": scored["seconds_per_image"],
+              "eval_hash": scored["eval_hash"], "promotion": promotion, "stages": stages,
+              "compute": compute}
     pipeline_report(rec.name, result, runs | {"register": version["run_id"]})
     return result
 
