@@ -134,17 +134,22 @@ def test_killed_mid_pretraining_resumes_from_its_last_checkpoint(prefect_server,
     proc = subprocess.Popen([sys.executable, "-m", "lens.cli", *args], start_new_session=True,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     runs = Path(os.environ["LENS_HOME"]) / "runs"
+    earlier = set(runs.glob("pretrain-tiny-*"))  # other tests' jobs share this LENS_HOME
+
+    def checkpoints() -> list[Path]:
+        return [c for c in runs.glob("pretrain-tiny-*/checkpoints/step-*")
+                if c.parent.parent not in earlier]
+
     try:
         for _ in range(600):
-            ckpts = list(runs.glob("pretrain-tiny-*/checkpoints/step-*"))
-            if any(not c.name.startswith(".") for c in ckpts) or proc.poll() is not None:
+            if checkpoints() or proc.poll() is not None:
                 break
             time.sleep(0.5)
         assert proc.poll() is None, "lens run ended before it could be killed"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    run_dir = next(c.parent.parent for c in runs.glob("pretrain-tiny-*/checkpoints/step-*"))
+    run_dir = checkpoints()[0].parent.parent
     events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
     assert "final" not in events[-1]  # killed before the end
     assert cli.main(args) == 0

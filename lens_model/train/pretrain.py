@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         if trainer.world_size > 1:
             dist.all_reduce(counts)
         ledger.step(float(counts[0]), int(counts[1]), int(counts[2]), metrics["step_s"])
-        if step % p.log_every == 0 or step == p.steps:
+        if step % p.log_every == 0 or step % p.sample_every == 0 or step == p.steps:
             events.emit(step=step, metrics={**{f"train/{k}": v for k, v in metrics.items()},
                                             **ledger.metrics()})
         if step % p.sample_every == 0 or step == p.steps:
