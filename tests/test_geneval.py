@@ -7,7 +7,12 @@ import pytest
 from PIL import Image
 
 from lens_model.data.world import render
-from lens_model.eval.geneval import EvalProtocol, evaluate, report_grid
+from lens_model.eval.geneval import (
+    EvalProtocol,
+    evaluate,
+    reconstruction_ceiling,
+    report_grid,
+)
 from lens_model.recipe import load_recipe
 
 PROTOCOL = EvalProtocol(prompts_per_category=4, width=32, height=32)
@@ -57,3 +62,9 @@ def test_perfect_model_scores_one_and_noise_zero_with_seeds_per_image() -> None:
 def test_a_generator_returning_the_wrong_count_is_refused() -> None:
     with pytest.raises(ValueError, match="returned 1 images for 24 prompts"):
         evaluate(lambda p, s: truth(p, s)[:1], PROTOCOL, batch_size=64)
+
+
+def test_reconstruction_ceiling_is_one_for_a_lossless_round_trip_and_zero_for_a_lossy_one() -> None:
+    assert reconstruction_ceiling(lambda x: x, PROTOCOL)["overall"] == 1.0
+    washed = reconstruction_ceiling(lambda x: x * 0.2, PROTOCOL)  # colours pulled to grey
+    assert washed["overall"] < 0.2

@@ -16,10 +16,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from torch import Tensor
 
 from lens_model.data.captions import Prompt, prompt_set
+from lens_model.data.world import render
 from lens_model.eval.verifier import score, verify
 from lens_model.pipeline import LensPipeline
 from lens_model.recipe import EvalSection
@@ -118,6 +121,22 @@ def untrained_like(pipe: LensPipeline, seed: int = 0) -> LensPipeline:
     parts = {**pipe.components, "transformer": transformer, "connector": connector}
     return LensPipeline(**parts, layers=pipe.config.layers, max_length=pipe.config.max_length,
                         trained_areas=pipe.config.trained_areas)
+
+
+def reconstruction_ceiling(reconstruct: Callable[[Tensor], Tensor],
+                           protocol: EvalProtocol) -> dict[str, float]:
+    """The scores of the prompts' ground-truth renders after an autoencoder round trip
+    (``reconstruct``: (1, 3, H, W) in [-1, 1] -> the same): the most any model drawing in
+    that autoencoder's latent space can score under ``protocol``."""
+    results = []
+    with torch.no_grad():
+        for p in protocol.prompts():
+            pixels = np.asarray(render(p.scene, protocol.width, protocol.height), np.float32)
+            x = torch.from_numpy(pixels).permute(2, 0, 1)[None] / 127.5 - 1
+            y = ((reconstruct(x).clamp(-1, 1)[0] + 1) * 127.5).round().byte()
+            image = Image.fromarray(y.permute(1, 2, 0).cpu().numpy())
+            results.append((p.category, verify(image, p.spec)[0]))
+    return score(results)
 
 
 def _init_args(config: Any) -> dict[str, Any]:
