@@ -69,7 +69,8 @@ def make_model(seed: int) -> LensDenoiser:
     torch.manual_seed(seed)
     transformer = LensTransformer2DModel.from_preset("tiny")
     width = transformer.transformer_config.width
-    return LensDenoiser(transformer, TextConnector(TEXT_LAYERS, TEXT_HIDDEN, width))
+    connector = TextConnector(n_layers=TEXT_LAYERS, hidden=TEXT_HIDDEN, width=width)
+    return LensDenoiser(transformer, connector)
 
 
 def make_batches(n: int, samples: int, grid: int, budget: int, text_tokens: int,

@@ -62,6 +62,7 @@ def pipeline_flow(recipe: str = "tiny", overrides: list[str] | None = None,
                 "evaluate": scored["run_id"]}
         version = lap("register", register(tree, trained["model_dir"], data["dvc_hash"], scored,
                                            runs, parent, return_state=True))
+        runs = runs | {"register": version["run_id"]}  # the task keeps the dict it was given
         promotion = release.promote_task(version["name"], version["version"],
                                          reason=f"pipeline run of recipe {rec.name}")
         lap("promote")
@@ -72,8 +73,7 @@ def pipeline_flow(recipe: str = "tiny", overrides: list[str] | None = None,
     summary = {"dvc_hash": data["dvc_hash"], "vae_dir": vae,
                "model_dir": trained.get("model_dir", ""), "pretrain_run_id": trained["run_id"],
                "model": version["name"], "version": version["version"],
-               **{f"run.{stage}": run_id for stage, run_id in runs.items()},
-               "run.register": version["run_id"]}
+               **{f"run.{stage}": run_id for stage, run_id in runs.items()}}
     data_tasks.close_parent(parent, summary)
     result = {**data, **summary, "parent_run_id": parent, "pretrain_job": trained["job"],
               "run_dir": trained["run_dir"], "scores": scored["scores"],
@@ -81,7 +81,7 @@ def pipeline_flow(recipe: str = "tiny", overrides: list[str] | None = None,
               "seconds_per_image": scored["seconds_per_image"],
               "eval_hash": scored["eval_hash"], "promotion": promotion, "stages": stages,
               "compute": compute}
-    pipeline_report(rec.name, result, runs | {"register": version["run_id"]})
+    pipeline_report(rec.name, result, runs)
     return result
 
 

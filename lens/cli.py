@@ -109,7 +109,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
             raise ValueError("lens promote needs VERSION (or --rollback)")
         report = promote.check_gates(args.name, args.version)
         if report.passed and not args.dry_run:
-            report = promote.promote(args.name, args.version, reason=args.reason)
+            promote.commit(report, reason=args.reason)
     except promote.PromotionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -129,7 +129,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     result = compare.compare(args.a, args.b)
     recipe = load_recipe(args.recipe)
-    grid = compare.side_by_side_grid(args.a, args.b, EvalProtocol.from_recipe(recipe.eval),
+    sides = {args.a: result["a"]["model"], args.b: result["b"]["model"]}
+    grid = compare.side_by_side_grid(sides, EvalProtocol.from_recipe(recipe.eval),
                                      Path(args.out))
     result["grid"] = str(grid)
     width = 44

@@ -42,12 +42,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lens_model.denoiser import _pad  # the padding sample_latents applies
 from lens_model.flow_matching import VelocityFn, flow_sample, shift_mu
+from lens_model.recipe import PretrainSection
 from lens_model.text_encoder import LanguageEncoder, TextConnector
 from lens_model.transformer import LensTransformer2DModel
 from lens_model.vae import SemanticVAE
 
-# The recipe defaults of ``pretrain.mu_rule`` (recipe.PretrainSection mu_* fields).
-DEFAULT_MU_RULE = {"base_tokens": 256, "base_mu": 1.0, "max_tokens": 4096, "max_mu": 1.3}
+DEFAULT_MU_RULE = PretrainSection().mu_rule()  # the recipe's default rule
 MAX_ASPECT = 2.0  # trained aspect ratios span 1:2 to 2:1
 SAMPLERS = {"euler": 1, "heun": 2}
 OUTPUT_TYPES = ("pil", "pt", "latent")
@@ -105,7 +105,7 @@ def _nearest_sizes(width: int, height: int, multiple: int) -> list[str]:
 
 def make_scheduler(mu_rule: dict[str, float] | None = None) -> FlowMatchEulerDiscreteScheduler:
     """A scheduler whose dynamic (exponential) shift is the recipe's mu rule, as ``shift_mu``
-    keyword arguments (``pretrain.mu_rule``); None: the recipe defaults."""
+    keyword arguments (``PretrainSection.mu_rule``); None: the recipe defaults."""
     rule = {**DEFAULT_MU_RULE, **(mu_rule or {})}
     return FlowMatchEulerDiscreteScheduler(
         use_dynamic_shifting=True, time_shift_type="exponential",

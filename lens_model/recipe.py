@@ -183,6 +183,11 @@ class PretrainSection(Section):
     mu_max_tokens: int = Field(4096, ge=1)
     mu_max: float = 1.3
 
+    def mu_rule(self) -> dict[str, float]:
+        """The resolution-shift rule, as keyword arguments of ``flow_matching.shift_mu``."""
+        return {"base_tokens": self.mu_base_tokens, "base_mu": self.mu_base,
+                "max_tokens": self.mu_max_tokens, "max_mu": self.mu_max}
+
 
 class LaunchSection(Section):
     """Where pretraining runs: one process, torchrun on N processes, or several nodes."""

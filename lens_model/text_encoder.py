@@ -73,8 +73,10 @@ class TextConnector(ModelMixin, ConfigMixin):
     the plain module's (``norms.i.weight``, ``proj.*``), so training checkpoints load as is.
     """
 
+    # Keyword-only: diffusers records positional init args as defaults, which from_config
+    # would then drop.
     @register_to_config
-    def __init__(self, n_layers: int, hidden: int, width: int, eps: float = 1e-6) -> None:
+    def __init__(self, *, n_layers: int, hidden: int, width: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.hidden = hidden
         self.norms = nn.ModuleList(nn.RMSNorm(hidden, eps=eps) for _ in range(n_layers))
@@ -125,7 +127,7 @@ class LanguageEncoder(nn.Module):
         self.max_length = max_length
         self.source = Path(source)
         self.hidden_size = int(config.hidden_size)
-        self.connector = TextConnector(len(layers), self.hidden_size, width)
+        self.connector = TextConnector(n_layers=len(layers), hidden=self.hidden_size, width=width)
         self._template = pin_template_clock(tokenizer.chat_template) if self.use_template else ""
         self._prefix = self._render(_SENTINEL).split(_SENTINEL)[0] if self.use_template else ""
 

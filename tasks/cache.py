@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from prefect.cache_policies import TASK_SOURCE, CachePolicy
@@ -20,3 +21,10 @@ def keyed_by(pick: Callable[[dict[str, Any]], Any], code: tuple[str, ...]) -> Ca
         return hashlib.sha256(blob.encode()).hexdigest()
 
     return TASK_SOURCE + CachePolicy.from_cache_key_fn(key)
+
+
+def trained_model(model_dir: str) -> dict[str, Any]:
+    """A training final/ folder's identity for a cache key: its path (one per training job)
+    and its lens.json (the step and recipe it holds)."""
+    lens_json = Path(model_dir) / "lens.json"
+    return {"model": model_dir, "lens.json": lens_json.read_text() if lens_json.is_file() else None}

@@ -17,7 +17,7 @@ from mlflow.exceptions import MlflowException
 from PIL import Image, ImageDraw
 
 import mlflow
-from lens_model.eval.geneval import EvalProtocol
+from lens_model.eval.geneval import EvalProtocol, pipeline_generator
 from lens_model.pipeline import load_pipeline
 from tasks.registry import local_model
 
@@ -99,25 +99,22 @@ def compare(a: str, b: str) -> dict[str, Any]:
             "params_differ": differ, "lineage": lineage, **tables}
 
 
-def side_by_side_grid(a: str, b: str, protocol: EvalProtocol, out: Path,
+def side_by_side_grid(sides: dict[str, str], protocol: EvalProtocol, out: Path,
                       scale: int = 3) -> Path:
-    """Both models on the same prompts and seeds: model A's row above model B's, per prompt."""
+    """Both models on the same prompts and seeds, one row each (label -> model, as
+    :func:`compare` resolved them in ``result[side]["model"]``), A above B."""
     prompts = protocol.prompts()
     picked: list[str] = []
     for cat in dict.fromkeys(p.category for p in prompts):
         picked += [p.text for p in prompts if p.category == cat][:GRID_PER_CATEGORY]
     seeds = [protocol.seed + i for i in range(len(picked))]
-    rows = []
-    for ref in (a, b):
-        pipe = load_pipeline(local_model(resolve(ref).model))
-        rows.append(pipe(picked, width=protocol.width, height=protocol.height,
-                         num_inference_steps=protocol.steps, guidance_scale=protocol.cfg,
-                         seed=seeds, sampler=protocol.sampler).images)
+    rows = [pipeline_generator(load_pipeline(local_model(model)), protocol)(picked, seeds)
+            for model in sides.values()]
     w, h = protocol.width * scale, protocol.height * scale
     label_w = 80
     grid = Image.new("RGB", (label_w + w * len(picked), 2 * h + 14), "white")
     draw = ImageDraw.Draw(grid)
-    for r, (ref, images) in enumerate(zip((a, b), rows, strict=True)):
+    for r, (ref, images) in enumerate(zip(sides, rows, strict=True)):
         draw.text((2, r * h + h // 2), ref[:12], fill=(0, 0, 0))
         for i, image in enumerate(images):
             grid.paste(image.resize((w, h), Image.Resampling.NEAREST), (label_w + i * w, r * h))

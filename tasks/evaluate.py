@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -29,7 +28,7 @@ from lens_model.eval.geneval import (
 from lens_model.pipeline import load_pipeline
 from lens_model.recipe import Recipe
 from tasks import tracking
-from tasks.cache import keyed_by
+from tasks.cache import keyed_by, trained_model
 
 EVAL_CODE = ("lens_model/eval", "lens_model/pipeline.py", "lens_model/flow_matching.py",
              "lens_model/transformer.py", "tasks/evaluate.py")
@@ -41,12 +40,9 @@ def _metrics(prefix: str, report: EvalReport) -> dict[str, float]:
 
 
 def _eval_inputs(params: dict[str, Any]) -> dict[str, Any]:
-    """What decides the scores: the protocol, the baseline's seed and the model's weights
-    (its lens.json names the training step and recipe; the run folder is per training job)."""
-    lens_json = Path(params["model_dir"]) / "lens.json"
+    """What decides the scores: the protocol, the baseline's seed and the trained model."""
     return {"eval": params["tree"]["eval"], "seed": params["tree"]["seed"],
-            "model": params["model_dir"],
-            "lens.json": lens_json.read_text() if lens_json.is_file() else None}
+            **trained_model(params["model_dir"])}
 
 
 @task(name="evaluate", persist_result=True, cache_policy=keyed_by(_eval_inputs, EVAL_CODE))

@@ -146,8 +146,15 @@ def promote(name: str, version: str, dry_run: bool = False, reason: str = "") ->
     """Gate ``version`` and, unless ``dry_run``, move ``champion`` to it. Raises
     :class:`PromotionError` naming the failed gates (aliases untouched) or a lost race."""
     report = check_gates(name, version)
-    if dry_run:
-        return report
+    if not dry_run:
+        commit(report, reason)
+    return report
+
+
+def commit(report: GateReport, reason: str = "") -> None:
+    """Move ``champion`` to the gated version, if it passed and the champion it was gated
+    against is still the champion (checked under the registry lock)."""
+    name, version = report.name, report.version
     if not report.passed:
         raise PromotionError(f"{name} v{version} fails its gates: {report.failures()}")
     client = mlflow.MlflowClient()
@@ -157,7 +164,7 @@ def promote(name: str, version: str, dry_run: bool = False, reason: str = "") ->
             raise PromotionError(f"champion moved from v{report.champion} to v{now} while "
                                  f"{name} v{version} was being gated; gate it again")
         if now == str(version):
-            return report
+            return
         stamp = {"lens.promoted_by": _who(),
                  "lens.promoted_at": datetime.now(UTC).isoformat(timespec="seconds"),
                  "lens.promotion_reason": reason or "passed its gates",
@@ -166,7 +173,6 @@ def promote(name: str, version: str, dry_run: bool = False, reason: str = "") ->
         for key, value in stamp.items():
             client.set_model_version_tag(name, str(version), key, value)
         client.set_registered_model_alias(name, CHAMPION, str(version))
-    return report
 
 
 def rollback(name: str, reason: str = "") -> tuple[str, str]:

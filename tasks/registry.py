@@ -22,7 +22,7 @@ import mlflow
 from lens_model.pipeline import load_pipeline
 from lens_model.recipe import Recipe
 from tasks import tracking
-from tasks.cache import keyed_by
+from tasks.cache import keyed_by, trained_model
 
 PYFUNC = Path(__file__).with_name("lens_pyfunc.py")
 CANDIDATE, CHAMPION = "candidate", "champion"
@@ -78,9 +78,7 @@ out = model.predict(pd.DataFrame({{"prompt": ["a photo of a red circle"]}}),
 
 def _register_inputs(params: dict[str, Any]) -> dict[str, Any]:
     """One version per trained model and evaluation: a rerun with nothing changed finds it."""
-    lens_json = Path(params["model_dir"]) / "lens.json"
-    return {"model": params["model_dir"], "eval": params["evaluation"]["eval_hash"],
-            "lens.json": lens_json.read_text() if lens_json.is_file() else None,
+    return {**trained_model(params["model_dir"]), "eval": params["evaluation"]["eval_hash"],
             "name": params["tree"]["tracking"]["model_name"], "gates": params["tree"]["gates"]}
 
 

@@ -75,7 +75,7 @@ def vae_stage(tree: dict[str, Any], dataset: str, dvc_hash: str,
         # What the eval verifier still passes after the VAE's round trip: a model drawing in
         # this latent space cannot score above it.
         ceiling = reconstruction_ceiling(vae.reconstruct, EvalProtocol.from_recipe(recipe.eval))
-        mlflow.log_metrics({f"vae/ceiling_{k}": v for k, v in ceiling.items()})
+        mlflow.log_metrics({f"vae/ceiling_{k}": score for k, score in ceiling.items()})
         vae.save_pretrained(out)
         mlflow.set_tag("lens.vae_dir", str(out))
     logger.info(f"VAE: PSNR {metrics['psnr_before']:.2f} -> {metrics['psnr']:.2f} dB, eval "

@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from lens_model.data.captions import Prompt, prompt_set
+from lens_model.data.loader import to_signed
 from lens_model.data.world import render
 from lens_model.eval.verifier import score, verify
 from lens_model.pipeline import LensPipeline
@@ -114,10 +115,8 @@ def untrained_like(pipe: LensPipeline, seed: int = 0) -> LensPipeline:
     """The same pipeline with a freshly initialised backbone and connector: the baseline
     that shows how much of a score training earned, under the same protocol."""
     torch.manual_seed(seed)
-    # the init args as given (from_config would drop args passed positionally, which diffusers
-    # records as "_use_default_values")
-    transformer = LensTransformer2DModel(**_init_args(pipe.transformer.config))
-    connector = TextConnector(**_init_args(pipe.connector.config))
+    transformer = LensTransformer2DModel.from_config(pipe.transformer.config)
+    connector = TextConnector.from_config(pipe.connector.config)
     parts = {**pipe.components, "transformer": transformer, "connector": connector}
     return LensPipeline(**parts, layers=pipe.config.layers, max_length=pipe.config.max_length,
                         trained_areas=pipe.config.trained_areas)
@@ -131,16 +130,12 @@ def reconstruction_ceiling(reconstruct: Callable[[Tensor], Tensor],
     results = []
     with torch.no_grad():
         for p in protocol.prompts():
-            pixels = np.asarray(render(p.scene, protocol.width, protocol.height), np.float32)
-            x = torch.from_numpy(pixels).permute(2, 0, 1)[None] / 127.5 - 1
+            pixels = np.asarray(render(p.scene, protocol.width, protocol.height))
+            x = to_signed(pixels.transpose(2, 0, 1))[None]  # (1, 3, H, W) in [-1, 1]
             y = ((reconstruct(x).clamp(-1, 1)[0] + 1) * 127.5).round().byte()
             image = Image.fromarray(y.permute(1, 2, 0).cpu().numpy())
             results.append((p.category, verify(image, p.spec)[0]))
     return score(results)
-
-
-def _init_args(config: Any) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
 def report_grid(report: EvalReport, per_row: int = 10, scale: int = 3) -> Image.Image:

@@ -77,13 +77,6 @@ class Events:
                 fh.write(json.dumps(event, default=float) + "\n")
 
 
-def mu_rule(recipe: Recipe) -> dict[str, float]:
-    """The recipe's resolution-shift rule, as keyword arguments of ``shift_mu``."""
-    p = recipe.pretrain
-    return {"base_tokens": p.mu_base_tokens, "base_mu": p.mu_base,
-            "max_tokens": p.mu_max_tokens, "max_mu": p.mu_max}
-
-
 def build_feature_cache(cache: FeatureCache, dataset: Path, encoder: LanguageEncoder,
                         vae: SemanticVAE, batch: int = 32) -> None:
     """Text hidden states and VAE latents of every manifest row, one file per shard."""
@@ -123,7 +116,7 @@ class LossFn:
                  encoder: LanguageEncoder, vae: SemanticVAE, patch: int) -> None:
         self.recipe, self.features, self.encoder, self.vae, self.patch = (
             recipe, features, encoder, vae, patch)
-        self.mu = mu_rule(recipe)
+        self.mu = recipe.pretrain.mu_rule()
         self.last: dict[str, list[int]] = {"img": [], "txt": []}
 
     def _inputs(self, batch: Batch) -> tuple[list[Tensor], list[Tensor]]:
@@ -201,7 +194,7 @@ def sample_grid(denoiser: LensDenoiser, encoder: LanguageEncoder, vae: SemanticV
     denoiser.eval()
     z = sample_latents(denoiser, cond, uncond, (len(prompts), c, size // f, size // f),
                        GRID_STEPS, GRID_CFG, torch.Generator().manual_seed(GRID_SEED),
-                       mu_rule(recipe))
+                       recipe.pretrain.mu_rule())
     denoiser.train(was_training)
     images = ((vae.decode_latent(z).clamp(-1, 1) + 1) * 127.5).round().byte()  # (B, 3, H, W)
     grid = Image.new("RGB", (size * len(prompts), size * 2), "white")
@@ -222,7 +215,8 @@ def save_final(run: Path, denoiser: LensDenoiser, recipe: Recipe, vae_dir: str,
               str(tmp / "connector.safetensors"))
     atomic.write_json(tmp / "lens.json", {
         "recipe": recipe.name, "recipe_hash": recipe.hash(), "step": step, "vae": vae_dir,
-        "text_encoder": recipe.text_encoder.model_dump(mode="json"), "mu_rule": mu_rule(recipe),
+        "text_encoder": recipe.text_encoder.model_dump(mode="json"),
+        "mu_rule": recipe.pretrain.mu_rule(),
         "trained_areas": sorted({b.width * b.height for b in buckets_for(recipe.buckets)})})
     if final.exists():
         shutil.rmtree(final)
