@@ -3,7 +3,9 @@
 Both are scored under the recipe's fixed protocol, whose hash is logged with every score. One
 child MLflow run holds the per-category metrics (``eval/<category>``, ``baseline/<category>``),
 the latency, the protocol, the report (JSON) and the image grid (prompt under each image,
-green frame for pass, red for fail).
+green frame for pass, red for fail). It also logs the VAE's ceiling (``ceiling/<category>``):
+the scores of the prompts' ground-truth renders after the VAE's round trip, the most a model
+drawing in that latent space can reach under this protocol.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from lens_model.eval.geneval import (
     EvalReport,
     evaluate,
     pipeline_generator,
+    reconstruction_ceiling,
     report_grid,
     untrained_like,
 )
@@ -56,6 +59,7 @@ def evaluate_stage(tree: dict[str, Any], model_dir: str, dvc_hash: str,
     pipe = load_pipeline(model_dir)
     report = evaluate(pipeline_generator(pipe, protocol), protocol)
     baseline = evaluate(pipeline_generator(untrained_like(pipe, recipe.seed), protocol), protocol)
+    ceiling = reconstruction_ceiling(pipe.semantic_vae.reconstruct, protocol)
     compute_s = time.perf_counter() - start
     key = hashlib.sha256(model_dir.encode()).hexdigest()[:8]
     out_dir = defaults.lens_home() / "eval" / f"{protocol.hash()}-{key}"
@@ -68,12 +72,14 @@ def evaluate_stage(tree: dict[str, Any], model_dir: str, dvc_hash: str,
     with mlflow.start_run(experiment_id=exp, run_name=f"evaluate-{recipe.name}",
                           tags=tags) as run:
         mlflow.log_params({f"eval.{k}": v for k, v in report.to_json()["protocol"].items()})
-        mlflow.log_metrics(_metrics("eval", report) | _metrics("baseline", baseline))
+        mlflow.log_metrics(_metrics("eval", report) | _metrics("baseline", baseline)
+                           | {f"ceiling/{k}": v for k, v in ceiling.items()})
         mlflow.log_artifact(str(grid), "eval")
         mlflow.log_artifact(str(out_dir / "report.json"), "eval")
-    logger.info(f"eval {protocol.hash()}: {report.scores} (untrained {baseline.scores}), "
-                f"{report.seconds_per_image:.3f} s/image, grid {grid}")
+    logger.info(f"eval {protocol.hash()}: {report.scores} (untrained {baseline.scores}, VAE "
+                f"ceiling {ceiling}), {report.seconds_per_image:.3f} s/image, grid {grid}")
     return {"run_id": run.info.run_id, "scores": report.scores,
-            "baseline_scores": baseline.scores, "seconds_per_image": report.seconds_per_image,
+            "baseline_scores": baseline.scores, "ceiling_scores": ceiling,
+            "seconds_per_image": report.seconds_per_image,
             "eval_hash": protocol.hash(), "grid": str(grid),
             "compute_s": compute_s}
