@@ -13,6 +13,9 @@
     lens promote NAME VERSION [--dry-run]  gate a version and move @champion to it
     lens promote NAME --rollback           move @champion back to the one it replaced
     lens compare A B [--json]              two runs (ids or NAME/VERSION) side by side
+    lens services up|down|status           the team MLflow + Prefect servers (PostgreSQL, S3,
+                                           MLflow auth); settings from the environment
+    lens infra render|check|setup|serve|worker  infra files, work pools and limits (lens/infra.py)
 
 Exit status: 0 done, 1 the data contract or a promotion gate failed, 2 bad input (the
 message says which and how to fix it). With ``--json`` the last line of stdout is one JSON object.
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from lens import defaults
+from lens.secrets import redact
 
 DATA_COMMANDS = {"ingest", "prepare", "validate"}
 
@@ -45,7 +49,7 @@ def _overrides(p: argparse.ArgumentParser) -> None:
 
 
 def _where(result: dict[str, Any]) -> str:
-    home = defaults.lens_home()
+    home, store = defaults.lens_home(), redact(defaults.mlflow_uri())
     return "\n".join([
         f"dataset   {Path(result['manifest']).parent}  (DVC hash {result['dvc_hash']}, "
         f"pushed to {result['dvc_remote']})",
@@ -53,8 +57,8 @@ def _where(result: dict[str, Any]) -> str:
         f"quarantine {result['quarantine']}  ({result['quarantined']} rejected: "
         f"{result['reasons'] or 'none'})",
         f"contract  {result['report']}",
-        f"mlflow    run {result['mlflow_run_id']} in {defaults.mlflow_uri()}  "
-        f"(UI: mlflow ui --backend-store-uri {defaults.mlflow_uri()})",
+        f"mlflow    run {result['mlflow_run_id']} in {store}  "
+        f"(UI: mlflow ui --backend-store-uri {store})",
         f"prefect   flow run state under {home / 'prefect'}  "
         f"(UI: PREFECT_HOME={home / 'prefect'} prefect server start)",
         f"cache     {result['shard_tasks_cached']} of {2 * result['shards']} shard tasks reused",
@@ -147,6 +151,35 @@ def cmd_compare(args: argparse.Namespace) -> int:
                  f"legend {grid.with_suffix('.txt')})")
     _emit(result, args.json, "\n".join(lines))
     return 0
+
+
+def cmd_services(args: argparse.Namespace) -> int:
+    from lens import services
+
+    settings = services.ServiceSettings.from_env()
+    chosen = tuple(args.only or services.SERVICES)
+    try:
+        if args.action == "up":
+            took = services.up(settings, chosen, timeout=args.timeout)
+            for name in chosen:
+                how = f"started in {took[name]:.1f} s" if took[name] else "already running"
+                print(f"{name} {how}; log {settings.log_file(name)}", file=sys.stderr)
+                print(f"{name}: {services.service_url(settings, name)}")
+            return 0
+        if args.action == "down":
+            stopped = services.down(settings, chosen)
+            for name in chosen:
+                print(f"{name}: {'stopped' if name in stopped else 'was not running'}")
+            return 0
+    except services.ServiceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    report = {name: st for name, st in services.status(settings).items() if name in chosen}
+    lines = [f"{name}: {st['url']} " + (f"running (pid {st['pid']}, "
+             f"{'healthy' if st['healthy'] else 'NOT healthy'})" if st["running"] else "stopped")
+             + f"; log {st['log']}" for name, st in report.items()]
+    _emit(report, args.json, "\n".join(lines))
+    return 0 if all(st["healthy"] for st in report.values()) else 1  # 1: not all up
 
 
 def cmd_data_flow(args: argparse.Namespace) -> int:
@@ -396,6 +429,20 @@ def parser() -> argparse.ArgumentParser:
     comp.add_argument("--json", action="store_true")
     comp.set_defaults(func=cmd_compare)
 
+    svc = sub.add_parser("services", help="the team MLflow + Prefect servers: up, down, status "
+                         "(settings: lens/services.py ENV_VARS)")
+    svc.add_argument("action", choices=["up", "down", "status"])
+    svc.add_argument("--only", action="append", choices=["mlflow", "prefect"],
+                     help="act on this service only (repeatable; default: both)")
+    svc.add_argument("--timeout", type=float, default=180.0,
+                     help="up: seconds to wait for each server to be healthy")
+    svc.add_argument("--json", action="store_true", help="status: one JSON object")
+    svc.set_defaults(func=cmd_services)
+
+    # Listed for --help; main() hands `lens infra ...` to lens.infra's own parser.
+    sub.add_parser("infra", help="infra files from the settings, work pools, concurrency "
+                   "limits, servers in the foreground (lens infra --help)", add_help=False)
+
     recipe = sub.add_parser("recipe", help="print a resolved recipe and its hash")
     recipe.add_argument("recipe")
     recipe.add_argument("--json", action="store_true")
@@ -408,6 +455,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) >= 2 and argv[0] == "data" and argv[1] not in DATA_COMMANDS | {"-h", "--help"}:
         argv.insert(1, "flow")  # `lens data RECIPE` is the flow
+    if argv[:1] == ["infra"]:  # its own parser, options included (`lens infra check --help`)
+        from lens import infra
+
+        return infra.main(argv[1:])
     args = parser().parse_args(argv)
     defaults.apply()
     from lens_model.recipe import RecipeError

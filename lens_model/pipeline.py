@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -40,6 +41,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from lens_model import safe_load
 from lens_model.denoiser import _pad  # the padding sample_latents applies
 from lens_model.flow_matching import VelocityFn, flow_sample, shift_mu
 from lens_model.recipe import PretrainSection
@@ -137,6 +139,20 @@ class LensPipeline(DiffusionPipeline):
     # --- construction ------------------------------------------------------------------
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path,
+                        **kwargs: Any) -> LensPipeline:
+        """diffusers' loader, safetensors only: a saved pipeline folder holding any pickle file
+        (which Lens never writes) is refused, and no component may fall back to pickles."""
+        what = "LensPipeline"
+        safe_load.refuse_pickle_path(pretrained_model_name_or_path, what)
+        safe_load.refuse_pickles(pretrained_model_name_or_path, what)
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError(f"{what}.from_pretrained(use_safetensors=False): Lens loads "
+                             "weights from safetensors only; drop the argument")
+        kwargs["use_safetensors"] = True
+        return super().from_pretrained(str(pretrained_model_name_or_path), **kwargs)
+
+    @classmethod
     def from_training(cls, final_dir: str | Path,
                       dtype: torch.dtype | None = None) -> LensPipeline:
         """A pipeline from a pretraining run's ``final/`` folder (``pretrain.save_final``)."""
@@ -145,10 +161,12 @@ class LensPipeline(DiffusionPipeline):
         if not meta_path.is_file():
             raise FileNotFoundError(f"{final} has no lens.json; pass a pretraining run's final/ "
                                     "folder (RUN/final, written by save_final)")
+        safe_load.refuse_pickles(final, "training final/ folder")
         meta = json.loads(meta_path.read_text())
-        transformer = LensTransformer2DModel.from_pretrained(str(final / "transformer"),
-                                                             dtype=dtype)
-        vae = SemanticVAE.from_pretrained(_locate(meta["vae"], final), dtype=dtype).model
+        transformer = LensTransformer2DModel.from_pretrained(
+            str(final / "transformer"), dtype=dtype, use_safetensors=True)
+        vae_path = _locate(meta["vae"], final)
+        vae = SemanticVAE.from_pretrained(vae_path, dtype=dtype).model  # safetensors only
         spec = meta["text_encoder"]
         cfg = transformer.config
         encoder = LanguageEncoder.from_spec(spec["path"], list(spec["layers"]),
@@ -399,6 +417,7 @@ def load_pipeline(model: str | Path, dtype: torch.dtype | None = None) -> LensPi
     """A saved LensPipeline folder (model_index.json), a training final/ (lens.json) or
     the run folder above it, offline."""
     path = Path(model).expanduser()
+    safe_load.refuse_pickle_path(path, "model")
     if not path.exists():
         raise FileNotFoundError(f"model {str(model)!r} does not exist; pass a saved LensPipeline "
                                 "folder, a training run's final/ folder or models:/NAME@ALIAS")

@@ -42,6 +42,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
+from lens_model import safe_load
 from lens_model.data.tokens import MINILM, minilm_dir
 
 TEMPLATE_DATE = date(2025, 8, 5)  # gpt-oss's release day: the fixed date its template shows
@@ -51,7 +52,7 @@ _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
                     "merges.txt", "tokenizer.model", "special_tokens_map.json",
                     "chat_template.jinja", "chat_template.json")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_WEIGHT_SUFFIX = ".safetensors"  # the only weights read; .bin/.pt/.pth pickles are refused
 
 
 def pin_template_clock(template: str) -> str:
@@ -135,9 +136,14 @@ class LanguageEncoder(nn.Module):
     def from_spec(cls, path: str, layers: list[int], width: int, max_length: int,
                   dtype: torch.dtype | None = None,
                   template: bool | None = None) -> LanguageEncoder:
-        """Load the LM and tokenizer from a local folder ("minilm" = all-MiniLM-L6-v2), offline."""
+        """Load the LM and tokenizer from a local folder ("minilm" = all-MiniLM-L6-v2), offline;
+        its weights from safetensors only (a pickle file, or a folder of only pickles, is
+        refused before anything reads it)."""
         from transformers import AutoConfig, AutoModel, AutoTokenizer  # heavy; only when used
 
+        what = f"language encoder {path!r}"
+        if path != MINILM:
+            safe_load.refuse_pickle_path(path, what)
         folder = minilm_dir() if path == MINILM else Path(path).expanduser()
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(
@@ -148,9 +154,12 @@ class LanguageEncoder(nn.Module):
         if getattr(config, "is_encoder_decoder", False):
             raise ValueError(f"language encoder {path!r} is an encoder-decoder model; use an "
                              "encoder-only or decoder-only (causal) model")
+        safe_load.require_safetensors(folder, what)
         kwargs = {"dtype": dtype} if dtype is not None else {}
-        # AutoModel gives the base model (no LM head), which is all the hidden states need.
-        lm = AutoModel.from_pretrained(str(folder), local_files_only=True, **kwargs)
+        # AutoModel gives the base model (no LM head), which is all the hidden states need;
+        # use_safetensors=True: a pytorch_model.bin beside the safetensors is never read.
+        lm = AutoModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True,
+                                       **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         return cls(lm, tokenizer, layers, width, max_length, folder, template)
 
@@ -228,8 +237,8 @@ class LanguageEncoder(nn.Module):
         """A stable hash of what ``hidden`` depends on, for feature-cache keys."""
         files = sorted((p.name, p.stat().st_size) for p in self.source.iterdir()
                        if p.is_file() and (p.name in _TOKENIZER_FILES
-                                           or p.name.endswith(_WEIGHT_SUFFIXES)
-                                           or p.name.endswith(".index.json")))
+                                           or p.name.endswith(_WEIGHT_SUFFIX)
+                                           or p.name.endswith(_WEIGHT_SUFFIX + ".index.json")))
         config = json.loads((self.source / "config.json").read_text())
         key = {"format": 1, "config": config, "files": files, "layers": self.layers,
                "max_length": self.max_length, "template": self._template,

@@ -27,6 +27,8 @@ import torch
 from diffusers import AutoencoderKLFlux2
 from torch import Tensor, nn
 
+from lens_model import safe_load
+
 PATCH = 2  # the 2x2 patchify FLUX.2 normalises in
 
 
@@ -56,7 +58,15 @@ class SemanticVAE(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs) -> SemanticVAE:
-        """Load an ``AutoencoderKLFlux2`` folder (``subfolder="vae"`` for a pipeline) offline."""
+        """Load an ``AutoencoderKLFlux2`` folder (``subfolder="vae"`` for a pipeline) offline,
+        from safetensors only (a ``.bin`` beside them is never read; one alone is refused)."""
+        what = f"the VAE {path}"
+        safe_load.refuse_pickle_path(path, what)
+        safe_load.require_safetensors(Path(path) / kwargs.get("subfolder", ""), what)
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError(f"{what}: use_safetensors=False is refused; Lens loads weights "
+                             "from safetensors only")
+        kwargs["use_safetensors"] = True
         try:
             model = AutoencoderKLFlux2.from_pretrained(str(path), local_files_only=True,
                                                        **kwargs)

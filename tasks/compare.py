@@ -17,6 +17,7 @@ from mlflow.exceptions import MlflowException
 from PIL import Image, ImageDraw
 
 import mlflow
+from lens.secrets import redact
 from lens_model.eval.geneval import EvalProtocol, pipeline_generator
 from lens_model.pipeline import load_pipeline
 from tasks.registry import local_model
@@ -36,9 +37,9 @@ def _run(client: mlflow.MlflowClient, run_id: str, what: str) -> Run:
     try:
         return client.get_run(run_id)
     except MlflowException:
-        raise ValueError(f"{what}: no MLflow run {run_id!r} in {mlflow.get_tracking_uri()}; pass "
-                         "a pipeline or stage run id, or NAME/VERSION of a registered model"
-                         ) from None
+        raise ValueError(f"{what}: no MLflow run {run_id!r} in "
+                         f"{redact(mlflow.get_tracking_uri())}; pass a pipeline or stage run "
+                         "id, or NAME/VERSION of a registered model") from None
 
 
 def resolve(ref: str) -> Side:

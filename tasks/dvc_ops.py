@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,8 @@ from lens_model.recipe import Recipe
 
 RAW, DATASET = "data/raw", "data/dataset"
 STAGES = ("prepare", "validate")
+# Prefect global concurrency limit that serialises DVC commands across workers and machines
+DVC_LIMIT = "dvc"
 
 
 class DvcError(RuntimeError):
@@ -33,10 +35,42 @@ def repo_root(repo: str | Path | None = None) -> Path:
     return root
 
 
+def ensure_limit(name: str = DVC_LIMIT, slots: int = 1) -> None:
+    """Create Prefect's global concurrency limit ``name`` if the server has none; an existing
+    one (an operator's choice of slots, or a deactivated limit) is left as it is."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(
+                    GlobalConcurrencyLimitCreate(name=name, limit=slots))
+            except ObjectAlreadyExists:  # another worker created it first
+                pass
+
+
+def _dvc_slot() -> Any:
+    """The ``dvc`` slot inside a Prefect run; outside one there is no server to ask (and
+    starting an ephemeral one for a DVC call would cost seconds), so the file lock alone rules.
+    The limit is created on first use, so the embedded ephemeral server needs no setup."""
+    from prefect.concurrency.sync import concurrency  # here: the CLI imports this module
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    if FlowRunContext.get() is None and TaskRunContext.get() is None:
+        return nullcontext()
+    ensure_limit()
+    return concurrency(DVC_LIMIT, occupy=1)
+
+
 @contextmanager
 def serialized(root: Path) -> Iterator[None]:
-    """Hold the repo-wide lock that keeps DVC commands from running at once."""
-    with atomic.file_lock(root / ".dvc" / "tmp" / "lens-serial.lock"):
+    """Hold the locks that keep DVC commands from running at once: the Prefect global
+    concurrency limit ``dvc`` (one slot, across machines) and this repo's file lock."""
+    with _dvc_slot(), atomic.file_lock(root / ".dvc" / "tmp" / "lens-serial.lock"):
         yield
 
 
@@ -60,11 +94,12 @@ def ensure_remote(root: Path) -> str:
         if url.startswith("s3://") and endpoint:
             dvc(root, "remote", "modify", "--local", "lens", "endpointurl", endpoint)
         name = "lens"
-    for line in dvc(root, "remote", "list").splitlines():
-        parts = line.split()
-        if parts and parts[0] == name:
-            return parts[1]
-    raise DvcError(f"default DVC remote {name!r} is not in `dvc remote list`; fix .dvc/config")
+    # `dvc config` prints the merged value; `dvc remote list` wraps long lines.
+    url = dvc(root, "config", f"remote.{name}.url", check=False).strip()
+    if not url or "\n" in url:
+        raise DvcError(f"default DVC remote {name!r} has no url; fix it with `dvc remote add "
+                       f"--default {name} URL` or remove it from .dvc/config")
+    return url
 
 
 def write_params(root: Path, recipe: Recipe) -> Path:

@@ -57,9 +57,23 @@ def _finished(run_dir: Path, steps: int) -> dict[str, Any] | None:
     return final if done else None
 
 
+def gpu_tags(recipe: Recipe) -> set[str]:
+    """The task's concurrency tag: the GPU type (``h100``) it runs on, none on CPU. Prefect's
+    tag limit of that name (``prefect concurrency-limit create h100 NODES``: one slot per
+    node, since the task runs one node) throttles pretraining; with no limit set it runs."""
+    gpu = recipe.launch.gpu_type
+    return {gpu.lower()} if recipe.launch.device == "cuda" and gpu != "none" else set()
+
+
+def pretrain(tree: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+    """Call :func:`pretrain_task` (same arguments and options) under its recipe's GPU tag."""
+    tags = gpu_tags(Recipe.model_validate(tree))
+    return pretrain_task.with_options(tags=pretrain_task.tags | tags)(tree, *args, **kwargs)
+
+
 @task(name="pretrain", retries=1, retry_delay_seconds=5)
-def pretrain(tree: dict[str, Any], dataset: str, vae: str, dvc_hash: str,
-             parent_run_id: str = "") -> dict[str, Any]:
+def pretrain_task(tree: dict[str, Any], dataset: str, vae: str, dvc_hash: str,
+                  parent_run_id: str = "") -> dict[str, Any]:
     """Train, streaming losses, the compute ledger and sample grids into one MLflow run."""
     recipe = Recipe.model_validate(tree)
     logger = get_run_logger()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -117,13 +118,19 @@ def check_gates(name: str, version: str) -> GateReport:
 
 @contextmanager
 def registry_lock() -> Iterator[None]:
-    """One promotion at a time per registry: a PostgreSQL advisory lock on a PostgreSQL
-    backend, else an exclusive file lock beside the SQLite store (or under LENS_HOME)."""
+    """One promotion at a time per registry: a PostgreSQL advisory lock when the registry is
+    on PostgreSQL (directly, or behind a tracking server with ``LENS_REGISTRY_LOCK_URL``
+    naming its database), else an exclusive file lock beside the SQLite store or under
+    LENS_HOME, which serialises promotions on this host only."""
     uri = mlflow.get_tracking_uri()
-    if uri.startswith("postgresql"):
+    lock_url = uri if uri.startswith("postgresql") else os.environ.get("LENS_REGISTRY_LOCK_URL", "")
+    if lock_url:
         import sqlalchemy
 
-        engine = sqlalchemy.create_engine(uri)
+        # SQLAlchemy 2 maps a bare postgresql:// to psycopg 3; this project ships psycopg2.
+        if lock_url.startswith("postgresql://"):
+            lock_url = "postgresql+psycopg2://" + lock_url.removeprefix("postgresql://")
+        engine = sqlalchemy.create_engine(lock_url)
         with engine.connect() as conn:
             conn.execute(sqlalchemy.text(f"SELECT pg_advisory_lock({LOCK_KEY})"))
             try:
@@ -132,6 +139,10 @@ def registry_lock() -> Iterator[None]:
                 conn.execute(sqlalchemy.text(f"SELECT pg_advisory_unlock({LOCK_KEY})"))
         engine.dispose()
         return
+    if uri.startswith(("http://", "https://")):
+        warnings.warn(f"promotions through {uri} are serialised on this host only; set "
+                      "LENS_REGISTRY_LOCK_URL to the tracking server's PostgreSQL database "
+                      "to serialise them across hosts", stacklevel=3)
     path = (Path(uri.removeprefix("sqlite:///")).with_suffix(".registry.lock")
             if uri.startswith("sqlite:///") else defaults.lens_home() / "registry.lock")
     with file_lock(path):

@@ -19,6 +19,7 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from prefect import get_run_logger, task
 
 import mlflow
+from lens.secrets import redact
 from lens_model.pipeline import load_pipeline
 from lens_model.recipe import Recipe
 from tasks import tracking
@@ -135,8 +136,9 @@ def local_model(model: str) -> str:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model))
     except mlflow.exceptions.MlflowException as exc:
         raise ValueError(f"--model {model!r} could not be resolved in MLflow "
-                         f"({mlflow.get_tracking_uri()}): {exc.message}; check the model name and "
-                         "its alias or version (models:/NAME@ALIAS or models:/NAME/VERSION)"
+                         f"({redact(mlflow.get_tracking_uri())}): {exc.message}; check the "
+                         "model name and its alias or version (models:/NAME@ALIAS or "
+                         "models:/NAME/VERSION)"
                          ) from None
     for folder in (local / "artifacts" / "pipeline", local):
         if (folder / "model_index.json").is_file():

@@ -1,4 +1,10 @@
-"""MLflow: experiments on the embedded defaults, lineage tags on every run."""
+"""MLflow: experiments on the embedded defaults, lineage tags on every run, and no secrets.
+
+Credentials come from the environment (or instance roles) and stay there: nothing here logs
+``os.environ``. As a second line of defence every param and tag this module logs goes
+through :func:`lens.secrets.redact_mapping` (secret-named keys, secret environment values
+and URI passwords become ``***``).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ from typing import Any
 
 import mlflow
 from lens import defaults
+from lens.secrets import redact_mapping
 from lens_model.recipe import Recipe
 
 
@@ -44,7 +51,7 @@ def lineage(recipe: Recipe, dvc_hash: str, parent_run_id: str = "", cwd: str | P
     }
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    return tags
+    return redact_mapping(tags)
 
 
 def open_parent(recipe: Recipe, cwd: str | Path = ".") -> str:
@@ -57,8 +64,8 @@ def open_parent(recipe: Recipe, cwd: str | Path = ".") -> str:
 
 def close_parent(run_id: str, summary: dict[str, Any], status: str = "FINISHED") -> None:
     client = mlflow.MlflowClient()
-    for key, value in summary.items():
-        client.set_tag(run_id, f"lens.{key}", str(value))
+    for key, value in redact_mapping({f"lens.{k}": v for k, v in summary.items()}).items():
+        client.set_tag(run_id, key, value)
     client.set_terminated(run_id, status)
 
 
@@ -90,10 +97,11 @@ def log_data_run(recipe: Recipe, merged: dict[str, Any], version: dict[str, Any]
         "lens.stage": "data", "lens.dvc_remote": version["remote"],
         "lens.raw_dvc_hash": version["raw_dvc_hash"], "lens.contract_passed":
         str(merged["passed"]).lower()}
-    with mlflow.start_run(experiment_id=exp, run_name=f"data-{recipe.name}", tags=tags) as run:
+    with mlflow.start_run(experiment_id=exp, run_name=f"data-{recipe.name}",
+                          tags=redact_mapping(tags)) as run:
         params = {k: v for k, v in recipe.flat().items()
                   if k.split(".")[0] in ("name", "seed", "data", "buckets")}
-        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+        mlflow.log_params({k: v[:500] for k, v in redact_mapping(params).items()})
         mlflow.log_metrics({
             "data.inputs": merged["inputs"], "data.valid": merged["valid"],
             "data.quarantined": merged["quarantined"],

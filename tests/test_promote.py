@@ -130,3 +130,24 @@ def test_unknown_version_and_missing_version_are_clear(capsys) -> None:
     assert cli.main(["promote", name, "9"]) == 1
     assert "has no version '9'" in capsys.readouterr().err
     assert cli.main(["promote", name]) == 2
+
+
+def test_promotions_through_a_tracking_server_lock_on_postgresql(monkeypatch) -> None:
+    """Behind an http tracking URI the lock is a PostgreSQL advisory lock when
+    LENS_REGISTRY_LOCK_URL names a database, so promotions on other hosts wait for it."""
+    import psycopg2
+
+    monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: "http://mlflow.example:5000")
+    monkeypatch.setenv("LENS_REGISTRY_LOCK_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    query = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = %s"
+    with psycopg2.connect("postgresql://postgres@127.0.0.1:5432/postgres") as conn:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            with promote.registry_lock():
+                cur.execute(query, (promote.LOCK_KEY,))
+                assert cur.fetchone()[0] == 1
+            cur.execute(query, (promote.LOCK_KEY,))
+            assert cur.fetchone()[0] == 0
+    monkeypatch.delenv("LENS_REGISTRY_LOCK_URL")
+    with pytest.warns(UserWarning, match="LENS_REGISTRY_LOCK_URL"), promote.registry_lock():
+        pass  # without it: this host only, and said so

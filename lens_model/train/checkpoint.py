@@ -1,4 +1,5 @@
-"""Training checkpoints: written atomically, pruned to the last K, found again by ``latest``.
+"""Training checkpoints: written atomically, pruned to the last K, found again by ``latest``,
+and loaded only when every file in them is one this trainer wrote.
 
 One checkpoint is a folder ``step-00001000/`` holding
 
@@ -7,19 +8,42 @@ One checkpoint is a folder ``step-00001000/`` holding
 - ``ema.safetensors``: the EMA shadow (rank 0 writes it; under ZeRO 0-2 all ranks hold the same);
 - ``rank-00003.json``: that rank's step, loader state and Python/NumPy RNG states;
 - ``rank-00003.safetensors``: that rank's torch CPU (and CUDA) RNG states;
-- ``meta.json``: step, world size and file list, written last.
+- ``meta.json``: step, world size and file list;
+- ``manifest.json``: the SHA-256 and size of every other file, written last.
 
 Everything this module writes itself is JSON or safetensors; nothing of ours is pickled.
 
 Atomicity: all ranks write into ``.tmp-step-00001000/``; after a barrier rank 0 fsyncs the
-tree, writes ``meta.json`` and renames the folder to ``step-00001000``. A crash before the
-rename leaves only a dot-folder, which ``latest`` never returns and the next save removes, so
-the previous checkpoint stays the latest. ``ckpt_dir`` must be on a filesystem every rank sees
-(DeepSpeed's checkpoints need that too); a rank that cannot see rank 0's folder fails loudly.
+tree, writes ``meta.json`` and ``manifest.json`` and renames the folder to ``step-00001000``.
+A crash before the rename leaves only a dot-folder, which ``latest`` never returns and the next
+save removes, so the previous checkpoint stays the latest. ``ckpt_dir`` must be on a
+filesystem every rank sees (DeepSpeed's checkpoints need that too); a rank that cannot see
+rank 0's folder fails loudly.
+
+Trust: DeepSpeed's files are pickles, and ``engine.load_checkpoint`` unpickles them with
+``weights_only=False``, so a file swapped into a checkpoint folder could run any code on
+resume. We cannot make DeepSpeed write safetensors, so :func:`load` refuses everything we did
+not write ourselves, before DeepSpeed opens anything:
+
+- at save, every file's SHA-256 and size go into ``manifest.json`` (the ranks hash shares of
+  the files in parallel; rank 0 merges them). It is written atomically, last, inside the
+  temp folder, so a complete checkpoint always has one;
+- at load, the folder must hold exactly the manifest's files: a missing, added (a stray
+  ``.pt``/``.bin``/``.pkl``, say), resized or changed file, a symlink, a pickle outside
+  ``deepspeed/`` or no manifest at all refuses the checkpoint with
+  :class:`UntrustedCheckpoint`, which names the file and the fix. Ranks check shares of the
+  hashes and agree (all-reduce) before any of them loads, so all fail together;
+- with ``LENS_CHECKPOINT_KEY`` set (a secret from the environment, the same on every rank),
+  the manifest also carries an HMAC-SHA256 of its content, and a checkpoint without a valid
+  one is refused. The plain manifest catches a file replaced or dropped into the folder; the
+  key also stops someone who can write the folder (shared storage, a copied run) from
+  rewriting the manifest to match. The key itself is never written anywhere.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import random
@@ -41,7 +65,12 @@ from lens_model.train.ema import EMA
 STEP_RE = re.compile(r"^step-(\d{8})$")
 DS_TAG = "deepspeed"
 META = "meta.json"
+MANIFEST = "manifest.json"
 EMA_FILE = "ema.safetensors"
+KEY_ENV = "LENS_CHECKPOINT_KEY"
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
+_PARTIAL = ".sha256-"  # per-rank hash shares inside the temp folder, merged into the manifest
+_CHUNK = 1 << 24
 
 
 def step_dir(ckpt_dir: str | Path, step: int) -> Path:
@@ -168,6 +197,149 @@ def _rank_name(rank: int) -> str:
     return f"rank-{rank:05d}"
 
 
+def _any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is true on any rank (a collective call; this rank's flag alone when
+    not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    device = (torch.device("cuda", torch.cuda.current_device())
+              if dist.get_backend() == "nccl" else torch.device("cpu"))
+    votes = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+    return bool(votes.item())
+
+
+# --- the manifest: what this trainer wrote ----------------------------------------------------
+
+class UntrustedCheckpoint(RuntimeError):
+    """A checkpoint holds something this trainer did not write; nothing of it was loaded."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        self.path, self.problem = path, problem
+        super().__init__(
+            f"refusing to resume from {path}: {problem}. Only checkpoints this trainer wrote "
+            f"are loaded, because DeepSpeed unpickles its files and a file we did not write "
+            f"could run code. Fix: if you did not change it on purpose, delete {path} (the run "
+            f"resumes from the previous checkpoint, or starts over when there is none)")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(root: Path) -> list[str]:
+    """Every file and symlink under ``root``, relative, sorted (``os.walk`` never follows a
+    link, so a linked folder shows as a link, not its content)."""
+    out = []
+    for folder, dirs, files in os.walk(root):
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(folder, d))]:
+            out.append(os.path.relpath(os.path.join(folder, name), root))
+    return sorted(out)
+
+
+def _share(names: list[str], rank: int, world: int) -> list[str]:
+    """The names this rank hashes: every ``world``-th, starting at ``rank``."""
+    return names[rank::world]
+
+
+def _key() -> bytes | None:
+    key = os.environ.get(KEY_ENV, "")
+    return key.encode() if key else None
+
+
+def _signature(manifest: dict[str, Any], key: bytes) -> str:
+    body = json.dumps({k: v for k, v in manifest.items() if k != "hmac"}, sort_keys=True,
+                      separators=(",", ":"))
+    return hmac.new(key, body.encode(), hashlib.sha256).hexdigest()
+
+
+def _check_manifest(path: Path, rank: int, world: int) -> str:
+    """The first problem found with checkpoint ``path`` ("" when none): its manifest, its
+    listing, and the hashes of this rank's share of the files."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files: dict[str, dict[str, Any]] = manifest["files"]
+        if manifest.get("format") != 1 or manifest.get("algorithm") != "sha256" or not all(
+                isinstance(e, dict) and isinstance(e.get("sha256"), str)
+                and isinstance(e.get("bytes"), int) for e in files.values()):
+            return f"its {MANIFEST} is not a manifest this trainer writes"
+    except FileNotFoundError:
+        return f"it has no {MANIFEST} (a checkpoint this trainer wrote always has one)"
+    except (ValueError, KeyError, TypeError):
+        return f"its {MANIFEST} is not a manifest this trainer writes"
+    key = _key()
+    signed = manifest.get("hmac")
+    if key is not None and not signed:
+        return f"{MANIFEST} is not signed, but {KEY_ENV} is set, so only signed ones load"
+    if key is None and signed:
+        return f"{MANIFEST} is signed; set {KEY_ENV} to the key the run was saved with"
+    if key is not None and not hmac.compare_digest(str(signed), _signature(manifest, key)):
+        return (f"the signature of {MANIFEST} does not match {KEY_ENV} (it was written with "
+                f"another key, or edited)")
+    listed = [n for n in _files(path) if n != MANIFEST]
+    for name in listed:
+        if (path / name).is_symlink():
+            return f"{name} is a symlink, which this trainer never writes"
+        if name not in files:
+            kind = "a stray pickle file" if name.lower().endswith(PICKLE_SUFFIXES) else "a file"
+            return f"{name} is {kind} not in its {MANIFEST}"
+        if name.lower().endswith(PICKLE_SUFFIXES) and not name.startswith(DS_TAG + "/"):
+            return f"{name} is a pickle file outside {DS_TAG}/, which this trainer never writes"
+    missing = sorted(set(files) - set(listed))
+    if missing:
+        return f"{missing[0]} is listed in {MANIFEST} but missing"
+    for name in listed:
+        if (path / name).stat().st_size != files[name]["bytes"]:
+            return f"{name} has changed size since it was saved"
+    for name in _share(listed, rank, world):
+        if sha256_file(path / name) != files[name]["sha256"]:
+            return f"{name} has changed since it was saved (its SHA-256 differs)"
+    return ""
+
+
+def verify(path: str | Path) -> None:
+    """Raise :class:`UntrustedCheckpoint` unless checkpoint ``path`` holds exactly the files
+    this trainer wrote, unchanged (a collective call: each rank hashes a share)."""
+    path = Path(path)
+    rank, world = _world()
+    problem = _check_manifest(path, rank, world)
+    if _any_rank(bool(problem)):
+        raise UntrustedCheckpoint(path, problem or "another rank found a changed file (see "
+                                                   "its error)")
+
+
+def _hash_share(tmp: Path, rank: int, world: int) -> None:
+    """Hash this rank's share of the files in the temp folder into ``.sha256-rank-N.json``."""
+    names = [n for n in _files(tmp) if not n.startswith(".")]
+    own = {n: {"sha256": sha256_file(tmp / n), "bytes": (tmp / n).stat().st_size}
+           for n in _share(names, rank, world)}
+    write_json(tmp / f"{_PARTIAL}{_rank_name(rank)}.json", own)
+
+
+def _write_manifest(tmp: Path, step: int, world: int) -> None:
+    """Rank 0: merge the ranks' hash shares, hash ``meta.json``, write ``manifest.json``."""
+    files: dict[str, dict[str, Any]] = {}
+    for r in range(world):
+        share = tmp / f"{_PARTIAL}{_rank_name(r)}.json"
+        files.update(json.loads(share.read_text()))
+        share.unlink()
+    files[META] = {"sha256": sha256_file(tmp / META), "bytes": (tmp / META).stat().st_size}
+    unhashed = set(_files(tmp)) - set(files) - {MANIFEST}
+    if unhashed:  # a file appeared after the ranks listed the folder
+        raise RuntimeError(f"checkpoint step {step}: {sorted(unhashed)} appeared in {tmp} "
+                           f"while it was being hashed; is another job saving there?")
+    manifest: dict[str, Any] = {"format": 1, "algorithm": "sha256", "step": step,
+                                "files": files}
+    key = _key()
+    if key is not None:
+        manifest["hmac"] = _signature(manifest, key)
+    write_json(tmp / MANIFEST, manifest)
+
+
 # --- save / load ----------------------------------------------------------------------------
 
 def save(ckpt_dir: str | Path, step: int, engine: Any, ema: EMA | None,
@@ -211,12 +383,17 @@ def save(ckpt_dir: str | Path, step: int, engine: Any, ema: EMA | None,
     if rank == 0 and ema is not None:
         ema.save(tmp / EMA_FILE)
     _barrier()
+    _hash_share(tmp, rank, world)
+    _barrier()
 
     if rank == 0:
         _fsync_tree(tmp)
-        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*")
+                       if p.is_file() and not p.name.startswith(_PARTIAL))
         write_json(tmp / META, {"step": step, "world_size": world, "ema": ema is not None,
                                 "files": files, **(meta or {})})
+        _write_manifest(tmp, step, world)
+        _fsync_dir(tmp)
         if final.exists():  # re-saving a step: move the old one aside, then swap in the new
             old = root / f".old-{final.name}"
             shutil.rmtree(old, ignore_errors=True)
@@ -240,7 +417,8 @@ class Restored:
 
 
 def load(path: str | Path, engine: Any, ema: EMA | None) -> Restored:
-    """Load a checkpoint folder into ``engine`` and ``ema`` on every rank (a collective call).
+    """Load a checkpoint folder into ``engine`` and ``ema`` on every rank (a collective call),
+    after :func:`verify` has found every file in it to be one this trainer wrote.
 
     RNG states come back in ``Restored.rng``; restoring them is the caller's choice.
     """
@@ -249,6 +427,7 @@ def load(path: str | Path, engine: Any, ema: EMA | None) -> Restored:
     if not (path / META).is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {META}); pass a "
                                 f"folder that latest() returns")
+    verify(path)  # before DeepSpeed unpickles anything
     meta = json.loads((path / META).read_text())
     if meta["world_size"] != world:
         raise ValueError(f"{path} was written by {meta['world_size']} ranks but this run has "
