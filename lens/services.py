@@ -32,7 +32,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from lens import defaults
-from lens.secrets import redact
+from lens.secrets import is_secret_name, redact
 from lens_model import atomic
 
 # Every variable ServiceSettings reads, with its default ("" = unset) and what it means.
@@ -62,7 +62,8 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "LENS_IMAGE": ("lens-platform", "image holding this project (runs MLflow and Prefect)"),
     "LENS_IMAGE_TAG": ("0.1.0", "tag of LENS_IMAGE"),
     "LENS_POSTGRES_IMAGE": ("postgres:16", "PostgreSQL image"),
-    "LENS_S3_IMAGE": ("motoserver/moto:5.2.5", "S3 stand-in image for a local stack"),
+    "LENS_S3_IMAGE": ("minio/minio:RELEASE.2024-12-13T22-19-12Z",
+                      "S3 server image of the docker-compose stack (MinIO, data on a volume)"),
 }
 # Read from the environment only, never defaulted, written to a committed file, or logged.
 SECRET_ENV_VARS: tuple[str, ...] = (
@@ -114,7 +115,7 @@ class ServiceSettings:
     image: str = "lens-platform"
     image_tag: str = "0.1.0"
     postgres_image: str = "postgres:16"
-    s3_image: str = "motoserver/moto:5.2.5"
+    s3_image: str = "minio/minio:RELEASE.2024-12-13T22-19-12Z"
     home: Path = field(default_factory=lambda: defaults.lens_home() / "services")
     # A password given in LENS_POSTGRES_URL moves here and reaches the servers as PGPASSWORD,
     # so it never shows in a URL, a process's arguments, a config file or a repr.
@@ -167,6 +168,10 @@ class ServiceSettings:
                              "S3 URL; use s3://BUCKET/PREFIX")
         if self.workers < 1:
             raise ValueError(f"LENS_MLFLOW_WORKERS={self.workers} must be >= 1")
+        for var, values in (("LENS_MLFLOW_ALLOWED_HOSTS", self.allowed_hosts),
+                            ("LENS_MLFLOW_CORS_ORIGINS", self.cors_origins)):
+            if "*" in values:  # would switch MLflow's DNS-rebinding and CSRF guards off
+                raise ValueError(f"{var} holds '*'; list the hosts or origins explicitly")
 
     # URLs the servers and their clients use
     @property
@@ -400,8 +405,10 @@ def prefect_command(settings: ServiceSettings) -> list[str]:
 def _base_env(settings: ServiceSettings, keep: tuple[str, ...] = ()) -> dict[str, str]:
     """This environment without clients' settings, and without the secrets not in ``keep``:
     each server gets only the credentials it uses."""
-    drop = set(CLIENT_ENV_VARS) | set(SECRET_ENV_VARS) - {*keep, "PGPASSWORD"}
-    env = {k: v for k, v in os.environ.items() if k not in drop}
+    drop = set(CLIENT_ENV_VARS) | set(SECRET_ENV_VARS)
+    keep = (*keep, "PGPASSWORD")  # both servers reach PostgreSQL
+    env = {k: v for k, v in os.environ.items()
+           if k in keep or (k not in drop and not is_secret_name(k))}
     env.update(defaults.OFFLINE_ENV)
     if settings.postgres_password:
         env["PGPASSWORD"] = settings.postgres_password
@@ -409,7 +416,8 @@ def _base_env(settings: ServiceSettings, keep: tuple[str, ...] = ()) -> dict[str
 
 
 def mlflow_env(settings: ServiceSettings, password: str) -> dict[str, str]:
-    env = _base_env(settings, keep=("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")) | {
+    env = _base_env(settings, keep=("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                    "AWS_SESSION_TOKEN")) | {
         "MLFLOW_AUTH_CONFIG_PATH": str(settings.auth_config_file),
         "MLFLOW_AUTH_ADMIN_USERNAME": settings.admin_user,
         "MLFLOW_AUTH_ADMIN_PASSWORD": password,
@@ -464,13 +472,24 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def read_pid(settings: ServiceSettings, service: str) -> int | None:
-    """The pid of ``service`` when its pid file names a live process, else None."""
+def _started(pid: int) -> str:
+    """When ``pid`` started (boot id + start time in ticks), so a pid file outliving its
+    process (a reboot, a crash) never names the unrelated process that reuses the number."""
     try:
-        pid = int(json.loads(settings.pid_file(service).read_text())["pid"])
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}:{Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[19]}"
+    except (OSError, IndexError):
+        return ""
+
+
+def read_pid(settings: ServiceSettings, service: str) -> int | None:
+    """The pid of ``service`` when its pid file names the live process it started, else None."""
+    try:
+        record = json.loads(settings.pid_file(service).read_text())
+        pid = int(record["pid"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return pid if _alive(pid) else None
+    return pid if _alive(pid) and record.get("started") == _started(pid) else None
 
 
 def _port_busy(host: str, port: int) -> bool:
@@ -500,8 +519,7 @@ def _spawn(settings: ServiceSettings, service: str, cmd: list[str],
                                 stderr=subprocess.STDOUT, env=env, cwd=settings.home,
                                 start_new_session=True)
     _CHILDREN[proc.pid] = proc
-    atomic.write_json(settings.pid_file(service), {
-        "pid": proc.pid, "url": service_url(settings, service), "started": time.time()})
+    atomic.write_json(settings.pid_file(service), {"pid": proc.pid, "started": _started(proc.pid)})
     return proc.pid
 
 
@@ -574,7 +592,10 @@ def _check_admin_login(settings: ServiceSettings, password: str) -> None:
     stored password, so a changed LENS_MLFLOW_ADMIN_PASSWORD must fail here, not in clients."""
     url = f"{settings.mlflow_url}/api/2.0/mlflow/users/get?username={settings.admin_user}"
     token = base64.b64encode(f"{settings.admin_user}:{password}".encode()).decode()
-    req = urllib.request.Request(url, headers={"Authorization": f"Basic {token}"})
+    # The Host header must be one the security middleware allows, or a 403 would look like a
+    # wrong password (the URL's host may be a bind address such as 0.0.0.0).
+    req = urllib.request.Request(url, headers={"Authorization": f"Basic {token}",
+                                               "Host": settings.mlflow_allowed_hosts[0]})
     try:
         with urllib.request.urlopen(req, timeout=10):
             return
@@ -582,28 +603,46 @@ def _check_admin_login(settings: ServiceSettings, password: str) -> None:
         if exc.code not in (401, 403):
             raise ServiceError(f"checking the MLflow admin login at {url} gave HTTP {exc.code}; "
                                f"see {settings.log_file('mlflow')}") from None
+        if b"host" in exc.read().lower():
+            raise ServiceError(f"MLflow refused the Host header {req.get_header('Host')!r}; "
+                               "add it to LENS_MLFLOW_ALLOWED_HOSTS") from None
+    except urllib.error.URLError as exc:
+        raise ServiceError(f"checking the MLflow admin login at {url} failed ({exc.reason}); "
+                           f"see {settings.log_file('mlflow')}") from None
     raise ServiceError(
         f"LENS_MLFLOW_ADMIN_PASSWORD does not log in as {settings.admin_user!r}: that user "
         f"already exists in the auth database {settings.mlflow_auth_db!r} with another password. "
         "Export the stored password, or have an admin change it "
-        "(POST /api/2.0/mlflow/users/update-password)")
+        "(PATCH /api/2.0/mlflow/users/update-password)")
 
 
-def _start_mlflow(settings: ServiceSettings, timeout: float) -> float:
+def prepare_mlflow(settings: ServiceSettings, timeout: float) -> tuple[list[str], dict[str, str]]:
+    """Everything before MLflow's server starts (password policy, bucket, auth config,
+    ``mlflow db upgrade``); returns its command and environment. `lens services up` and the
+    foreground entrypoint (`lens infra serve mlflow`, mlflow/server.sh) both start it so."""
     password = admin_password()
     check_bucket(settings)
     write_auth_config(settings)
     env = mlflow_env(settings, password)
-    started = time.perf_counter()
-    upgrade = subprocess.run(mlflow_upgrade_command(settings), env=env, cwd=settings.home,
-                             capture_output=True, text=True, timeout=timeout)
+    try:
+        upgrade = subprocess.run(mlflow_upgrade_command(settings), env=env, cwd=settings.home,
+                                 capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise ServiceError(f"`mlflow db upgrade` on {settings.mlflow_backend_store_uri} took "
+                           f"over {timeout:.0f} s; check PostgreSQL, or raise --timeout") from None
     if upgrade.returncode != 0:
         raise ServiceError(f"`mlflow db upgrade` on {settings.mlflow_backend_store_uri} failed "
                            f"(exit {upgrade.returncode}):\n{upgrade.stderr[-3000:]}")
-    pid = _spawn(settings, "mlflow", mlflow_command(settings), env)
+    return mlflow_command(settings), env
+
+
+def _start_mlflow(settings: ServiceSettings, timeout: float) -> float:
+    started = time.perf_counter()
+    cmd, env = prepare_mlflow(settings, timeout)
+    pid = _spawn(settings, "mlflow", cmd, env)
     _wait_healthy(settings, "mlflow", pid, timeout)
     try:
-        _check_admin_login(settings, password)
+        _check_admin_login(settings, env["MLFLOW_AUTH_ADMIN_PASSWORD"])
     except ServiceError:
         _stop(settings, "mlflow", pid)
         raise

@@ -141,7 +141,7 @@ class VaeSection(Section):
     lr: float = Field(1e-3, gt=0)
     kl_weight: float = Field(1e-6, ge=0)
     # MSE, not L1: on the flat-coloured shapes world L1 settles on washed-out colours (the
-    # tiny VAE's eval ceiling was 0.13 overall with L1, 0.47 with MSE at 450 steps).
+    # tiny VAE's eval ceiling was 0.13 overall with L1, about 0.6 with MSE at 450 steps).
     loss: Literal["l1", "mse"] = "mse"
     token_budget: int | None = Field(None, ge=1, description="tokens per VAE training batch "
                                      "(images x token_px^2 px); default loader.token_budget")

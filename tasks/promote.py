@@ -31,6 +31,7 @@ from lens_model.recipe import GatesSection
 from tasks.registry import CHAMPION
 
 LOCK_KEY = 0x4C454E53  # pg_advisory_lock key: "LENS"
+LOCK_WAIT_MS = 300_000  # a promotion waits at most 5 minutes for another one
 
 
 class PromotionError(RuntimeError):
@@ -130,14 +131,17 @@ def registry_lock() -> Iterator[None]:
         # SQLAlchemy 2 maps a bare postgresql:// to psycopg 3; this project ships psycopg2.
         if lock_url.startswith("postgresql://"):
             lock_url = "postgresql+psycopg2://" + lock_url.removeprefix("postgresql://")
+        # A session lock dies with its connection, so closing the connection releases it
+        # even when the body raised; the timeout bounds the wait behind a stuck promotion.
         engine = sqlalchemy.create_engine(lock_url)
-        with engine.connect() as conn:
-            conn.execute(sqlalchemy.text(f"SELECT pg_advisory_lock({LOCK_KEY})"))
-            try:
+        try:
+            with engine.connect() as conn:
+                conn.execute(sqlalchemy.text(f"SET statement_timeout = {LOCK_WAIT_MS}"))
+                conn.execute(sqlalchemy.text(f"SELECT pg_advisory_lock({LOCK_KEY})"))
+                conn.execute(sqlalchemy.text("SET statement_timeout = 0"))
                 yield
-            finally:
-                conn.execute(sqlalchemy.text(f"SELECT pg_advisory_unlock({LOCK_KEY})"))
-        engine.dispose()
+        finally:
+            engine.dispose()
         return
     if uri.startswith(("http://", "https://")):
         warnings.warn(f"promotions through {uri} are serialised on this host only; set "

@@ -166,7 +166,11 @@ def start_stack(home: Path, names: dict[str, str], s3: S3,
         for key, value in env.items():
             mp.setenv(key, value)
         settings = services.ServiceSettings.from_env()
-        seconds = services.up(settings, which, timeout=240)
+        try:
+            seconds = services.up(settings, which, timeout=240)
+        except BaseException:  # one server up, the next failed: stop what did start
+            services.down(settings)
+            raise
         full_env = dict(os.environ)
     client = {"MLFLOW_TRACKING_URI": settings.mlflow_url,
               "MLFLOW_TRACKING_USERNAME": settings.admin_user,

@@ -153,9 +153,9 @@ def compose_problems(doc: dict[str, Any]) -> list[str]:
         port = s.mlflow_port if name == "mlflow" else s.prefect_port
         published, target = _port_map(service["ports"][0])
         default_port = int(services.ENV_VARS[port_var][0])
-        if published != f"${{{port_var}:-{default_port}}}":
+        if published != f"127.0.0.1:${{{port_var}:-{default_port}}}":
             out.append(f"compose {name}: published port {published!r} must be "
-                       f"${{{port_var}:-{default_port}}}")
+                       f"127.0.0.1:${{{port_var}:-{default_port}}}")
         if not target == port == default_port:
             out.append(f"compose {name}: container port {target}, {port_var}={port} in its "
                        f"environment and ServiceSettings' default {default_port} must agree")
@@ -173,10 +173,10 @@ def compose_problems(doc: dict[str, Any]) -> list[str]:
             out.append(f"compose {name}: LENS_POSTGRES_URL {s.postgres_url} does not reach the "
                        f"postgres service as its user")
     m = built["mlflow"]
-    moto_port = int(svc["s3"]["environment"]["MOTO_PORT"])
-    if m.s3_endpoint_url != f"http://s3:{moto_port}":
+    s3_port = svc["s3"]["command"][svc["s3"]["command"].index("--address") + 1].lstrip(":")
+    if m.s3_endpoint_url != f"http://s3:{s3_port}":
         out.append(f"compose mlflow: S3 endpoint {m.s3_endpoint_url} is not the s3 service's "
-                   f"port {moto_port}")
+                   f"port {s3_port}")
     published = f"localhost:{services.ENV_VARS['LENS_MLFLOW_PORT'][0]}"
     for host in (f"mlflow:{m.mlflow_port}", published):
         if host not in m.mlflow_allowed_hosts:
@@ -522,10 +522,24 @@ def test_serve_runs_what_lens_services_up_runs(tmp_path) -> None:
     assert cmd[cmd.index("--port") + 1] == "5000" and "--app-name" in cmd
 
 
+def _stop(proc: subprocess.Popen, settings: services.ServiceSettings) -> None:
+    """Stop a `serve` entrypoint's process group and drop the databases it created."""
+    from tests.services_fixtures import _pg
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    for name in settings.databases:
+        _pg(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.mark.slow
 def test_serve_prefect_entrypoint_starts_the_server(tmp_path) -> None:
     """The container entrypoint for real: databases created, the server up on PostgreSQL."""
-    from tests.services_fixtures import _pg, free_port
+    from tests.services_fixtures import free_port
 
     tag = os.urandom(4).hex()
     env = {k: v for k, v in os.environ.items() if k not in services.CLIENT_ENV_VARS} | {
@@ -550,14 +564,7 @@ def test_serve_prefect_entrypoint_starts_the_server(tmp_path) -> None:
         print(f"serve prefect healthy after {time.perf_counter() - started:.1f} s")
         assert proc.poll() is None  # exec'd: the entrypoint's process is the server
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        for name in settings.databases:
-            _pg(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        _stop(proc, settings)
 
 
 @pytest.mark.slow
@@ -566,7 +573,7 @@ def test_serve_mlflow_entrypoint_as_compose_runs_it(tmp_path, moto_s3) -> None: 
     databases created, and the server answers with basic auth on."""
     import base64
 
-    from tests.services_fixtures import _pg, free_port
+    from tests.services_fixtures import free_port
 
     tag = os.urandom(4).hex()
     bucket = f"lens-infra-{tag}"
@@ -609,17 +616,24 @@ def test_serve_mlflow_entrypoint_as_compose_runs_it(tmp_path, moto_s3) -> None: 
         assert get(search, auth=False) == 401 and get(search, auth=True) == 200
         assert bucket in [b["Name"] for b in moto_s3.client().list_buckets()["Buckets"]]
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        for name in settings.databases:
-            _pg(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        _stop(proc, settings)
 
 
 def test_the_recipes_default_image_is_the_settings_image() -> None:
     from lens_model.recipe import LaunchSection
 
     assert LaunchSection().image == S.images["mlflow"]
+
+
+def test_compose_builds_the_lens_image_from_the_dockerfile() -> None:
+    """Every service running the project image builds it from infra/Dockerfile at the repo
+    root; the Dockerfile installs torch from its index first, then this project."""
+    doc = yaml.safe_load((REPO / "infra" / "docker-compose.yml").read_text())
+    lens = {n: svc for n, svc in doc["services"].items() if "LENS_IMAGE" in svc["image"]}
+    assert set(lens) == {"mlflow", "prefect", "worker"}
+    for svc in lens.values():
+        assert (REPO / "infra" / svc["build"]["context"]).resolve() == REPO.resolve()
+        assert svc["build"]["dockerfile"] == infra.DOCKERFILE
+    text = (REPO / infra.DOCKERFILE).read_text()
+    steps = ('"torch==', "COPY . .", "pip install --no-cache-dir -e")
+    assert [text.index(x) for x in steps] == sorted(text.index(x) for x in steps)

@@ -138,8 +138,8 @@ def test_the_scan_finds_a_secret_raw_compressed_or_base64(tmp_path: Path) -> Non
 # --- the redaction helper ----------------------------------------------------------------------
 
 def test_secret_names_are_told_from_ordinary_keys() -> None:
-    from lens_model.recipe import load_recipe
     from lens.secrets import is_secret_name
+    from lens_model.recipe import load_recipe
 
     for name in (*SECRET_VARS, "PREFECT_API_KEY", "reasoner.api_key",
                  "DATABASE_PASSWORD", "GITHUB_TOKEN"):

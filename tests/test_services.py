@@ -4,6 +4,7 @@ and Prefect servers on PostgreSQL + moto S3: auth, idempotent `up`, `down`."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -86,6 +87,7 @@ def test_postgres_password_stays_out_of_urls_args_and_files(clean_env: pytest.Mo
     ("LENS_MLFLOW_ARTIFACTS", "/data/mlartifacts", "is not an S3 URL"),
     ("LENS_POSTGRES_URL", "mysql://root@db", "is not a PostgreSQL URL"),
     ("LENS_POSTGRES_URL", "postgresql://u:pw@db/mlflow", "names a database"),
+    ("LENS_MLFLOW_ALLOWED_HOSTS", "mlflow,*", "list the hosts"),
 ])
 def test_bad_settings_name_the_variable(clean_env: pytest.MonkeyPatch, name: str, value: str,
                                         says: str) -> None:
@@ -141,9 +143,13 @@ def test_auth_config_is_private_and_holds_no_secret(clean_env: pytest.MonkeyPatc
     assert "LENS_MLFLOW_ADMIN_PASSWORD" not in env  # only MLflow's own name for it
     clean_env.setenv("AWS_SECRET_ACCESS_KEY", "s3-secret")
     assert services.mlflow_env(s, "x" * 12)["AWS_SECRET_ACCESS_KEY"] == "s3-secret"
+    clean_env.setenv("AWS_SESSION_TOKEN", "s3-session")
+    clean_env.setenv("HF_TOKEN", "hub-token")  # a secret no list names
+    assert services.mlflow_env(s, "x" * 12)["AWS_SESSION_TOKEN"] == "s3-session"
+    assert "HF_TOKEN" not in services.mlflow_env(s, "x" * 12)
     prefect = services.prefect_env(s)  # the Prefect server gets no MLflow or S3 secret
-    assert not {"AWS_SECRET_ACCESS_KEY", "LENS_MLFLOW_ADMIN_PASSWORD",
-                "MLFLOW_AUTH_ADMIN_PASSWORD"} & set(prefect)
+    assert not {"AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN",
+                "LENS_MLFLOW_ADMIN_PASSWORD", "MLFLOW_AUTH_ADMIN_PASSWORD"} & set(prefect)
 
 
 def test_runtime_files_are_git_ignored() -> None:
@@ -160,11 +166,10 @@ def test_server_sh_launches_what_lens_services_launches(clean_env: pytest.Monkey
     for key, value in env.items():
         clean_env.setenv(key, value)
     s = services.ServiceSettings.from_env()
-    proc = subprocess.run(["bash", str(REPO / "mlflow" / "server.sh"), "--dry-run"],
+    proc = subprocess.run(["bash", str(REPO / "mlflow" / "server.sh"), "--print"],
                           capture_output=True, text=True, env=dict(os.environ))
     assert proc.returncode == 0, proc.stderr
-    lines = [line.split()[1:] for line in proc.stdout.splitlines()]  # without the binary
-    assert lines == [services.mlflow_upgrade_command(s)[1:], services.mlflow_command(s)[1:]]
+    assert json.loads(proc.stdout.splitlines()[-1]) == services.mlflow_command(s)
     assert "pw" not in proc.stdout
 
 
@@ -325,3 +330,21 @@ def test_down_stops_every_process_of_each_service(stack) -> None:
     assert not s.pid_file("mlflow").exists() and not s.pid_file("prefect").exists()
     status = _cli(stack.env, "status")
     assert status.returncode == 1 and status.stdout.count("stopped") == 2
+
+
+def test_a_pid_file_naming_a_reused_pid_is_stale(clean_env: pytest.MonkeyPatch) -> None:
+    """After a reboot or crash the pid in a pid file may belong to an unrelated process:
+    `down` must not signal it, `status` must not report it."""
+    s = services.ServiceSettings.from_env()
+    s.home.mkdir(parents=True, exist_ok=True)
+    sleeper = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        s.pid_file("mlflow").write_text(json.dumps({"pid": sleeper.pid, "started": "old-boot:1"}))
+        assert services.read_pid(s, "mlflow") is None
+        assert services.down(s, ("mlflow",)) == [] and sleeper.poll() is None
+        s.pid_file("mlflow").write_text(json.dumps(
+            {"pid": sleeper.pid, "started": services._started(sleeper.pid)}))
+        assert services.read_pid(s, "mlflow") == sleeper.pid  # the process it started
+    finally:
+        sleeper.kill()
+        sleeper.wait()

@@ -60,6 +60,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from lens_model.atomic import atomic_path, write_json
+from lens_model.safe_load import is_pickle
 from lens_model.train.ema import EMA
 
 STEP_RE = re.compile(r"^step-(\d{8})$")
@@ -68,7 +69,6 @@ META = "meta.json"
 MANIFEST = "manifest.json"
 EMA_FILE = "ema.safetensors"
 KEY_ENV = "LENS_CHECKPOINT_KEY"
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
 _PARTIAL = ".sha256-"  # per-rank hash shares inside the temp folder, merged into the manifest
 _CHUNK = 1 << 24
 
@@ -285,9 +285,9 @@ def _check_manifest(path: Path, rank: int, world: int) -> str:
         if (path / name).is_symlink():
             return f"{name} is a symlink, which this trainer never writes"
         if name not in files:
-            kind = "a stray pickle file" if name.lower().endswith(PICKLE_SUFFIXES) else "a file"
+            kind = "a stray pickle file" if is_pickle(name) else "a file"
             return f"{name} is {kind} not in its {MANIFEST}"
-        if name.lower().endswith(PICKLE_SUFFIXES) and not name.startswith(DS_TAG + "/"):
+        if is_pickle(name) and not name.startswith(DS_TAG + "/"):
             return f"{name} is a pickle file outside {DS_TAG}/, which this trainer never writes"
     missing = sorted(set(files) - set(listed))
     if missing:
