@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -66,3 +68,20 @@ def dvc_repo(tmp_path: Path) -> Path:
     run(["git", "add", "-A"], root)
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"], root)
     return root
+
+
+@pytest.fixture(autouse=True)
+def _log_handlers_on_a_live_stream() -> Iterator[None]:
+    """Prefect builds its log handlers once per process, on the sys.stderr of that moment;
+    under pytest's capture that stream closes with the test, and the next in-process flow
+    would fail writing its first log line. Point such handlers back at the real stderr."""
+    yield
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for handler in (h for lg in loggers for h in getattr(lg, "handlers", [])):
+        if not isinstance(handler, logging.StreamHandler):
+            continue
+        if getattr(handler.stream, "closed", False):
+            handler.stream = sys.__stderr__  # setStream would flush the closed one
+        console = getattr(handler, "console", None)  # Prefect's rich console keeps its own
+        if console is not None and getattr(console.file, "closed", False):
+            console.file = sys.__stderr__
