@@ -589,10 +589,9 @@ def serve(service: str, create_bucket: bool = False) -> None:
 
 
 def _create_bucket(s: services.ServiceSettings) -> None:
-    import boto3
     import botocore.exceptions
 
-    client = boto3.client("s3", endpoint_url=s.s3_endpoint_url or None, region_name=s.region)
+    client = services.s3_client(s)
     try:
         client.head_bucket(Bucket=s.bucket)
     except botocore.exceptions.ClientError:

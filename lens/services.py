@@ -322,13 +322,19 @@ def ensure_databases(settings: ServiceSettings) -> list[str]:
     return created
 
 
+def s3_client(settings: ServiceSettings):  # noqa: ANN201 (boto3's client type is generated)
+    """A boto3 S3 client on the settings' endpoint (credentials from the environment)."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=settings.s3_endpoint_url or None,
+                        region_name=settings.region)
+
+
 def check_bucket(settings: ServiceSettings) -> None:
     """Fail now, not at the first artifact upload, when the artifact bucket is unreachable."""
-    import boto3
     import botocore.exceptions
 
-    client = boto3.client("s3", endpoint_url=settings.s3_endpoint_url or None,
-                          region_name=settings.region)
+    client = s3_client(settings)
     where = f"{settings.bucket} at {settings.s3_endpoint_url or 'AWS S3'}"
     try:
         client.head_bucket(Bucket=settings.bucket)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -85,3 +86,10 @@ def _log_handlers_on_a_live_stream() -> Iterator[None]:
         console = getattr(handler, "console", None)  # Prefect's rich console keeps its own
         if console is not None and getattr(console.file, "closed", False):
             console.file = sys.__stderr__
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

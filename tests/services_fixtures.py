@@ -13,7 +13,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,15 +25,10 @@ from pathlib import Path
 import pytest
 
 from lens import services
+from tests.conftest import free_port
 
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _pg(sql: str) -> None:
@@ -57,7 +51,11 @@ def pg_names() -> Iterator[dict[str, str]]:
     names = {"LENS_MLFLOW_DB": f"{tag}_mlflow", "LENS_MLFLOW_AUTH_DB": f"{tag}_auth",
              "LENS_PREFECT_DB": f"{tag}_prefect"}
     yield names
-    for name in names.values():
+    drop_databases(tuple(names.values()))
+
+
+def drop_databases(names: tuple[str, ...]) -> None:
+    for name in names:
         _pg(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 

@@ -4,7 +4,6 @@ and S3 (moto_server) remotes, MLflow on SQLite, Great Expectations, a local Dask
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import mlflow
 from lens import cli
 from lens_model.recipe import load_recipe
 from tasks import dvc_ops
-from tests.conftest import BIN, run
+from tests.conftest import BIN, free_port, run
 
 SMALL = ["data.num_samples=48", "data.samples_per_shard=16"]
 
@@ -118,18 +117,12 @@ def test_dvc_repro_runs_the_stages_from_dvc_cli(dvc_repo: Path) -> None:
     assert "up to date" in run([sys.executable, "-m", "dvc", "status"], dvc_repo).stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def moto_s3(monkeypatch):
     """A real S3-protocol server (moto_server) on 127.0.0.1 with one bucket."""
     import boto3
 
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,7 +16,6 @@ import time
 import uuid
 from pathlib import Path
 
-import psycopg2
 import pytest
 import yaml
 
@@ -25,24 +23,10 @@ from lens import infra, services
 from lens_model.recipe import load_recipe
 from tasks import dvc_ops
 from tasks import pretrain as pretrain_mod
-from tests.conftest import BIN, REPO
+from tests.conftest import BIN, REPO, free_port
+from tests.services_fixtures import drop_databases
 
 SMALL = ["data.num_samples=48", "data.samples_per_shard=16"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _drop(databases: tuple[str, ...]) -> None:
-    conn = psycopg2.connect("postgresql://postgres@127.0.0.1:5432/postgres")
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        for name in databases:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    conn.close()
 
 
 @pytest.fixture
@@ -50,7 +34,7 @@ def prefect_api(tmp_path: Path):
     """A Prefect server on fresh databases and a free port; stopped and dropped after."""
     tag = uuid.uuid4().hex[:10]
     settings = infra.from_env({
-        "LENS_HOME": str(tmp_path / "services-home"), "LENS_PREFECT_PORT": str(_free_port()),
+        "LENS_HOME": str(tmp_path / "services-home"), "LENS_PREFECT_PORT": str(free_port()),
         "LENS_PREFECT_DB": f"lens_deploy_{tag}_prefect",
         "LENS_MLFLOW_DB": f"lens_deploy_{tag}_mlflow",
         "LENS_MLFLOW_AUTH_DB": f"lens_deploy_{tag}_auth"})
@@ -60,7 +44,7 @@ def prefect_api(tmp_path: Path):
         yield settings
     finally:
         services.down(settings, ("prefect",))
-        _drop(settings.databases)
+        drop_databases(settings.databases)
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from lens_model.train.engine import (
     warmup_then_constant,
 )
 from lens_model.train.launch import torchrun_cmd
+from tests.conftest import free_port
 from tests.ds_worker import RandomBatches, TinyNet, config, final_state, mse_loss, run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -281,12 +281,6 @@ def test_fit_refuses_unresumable_or_short_batch_sources(tmp_path: Path) -> None:
 
 # --- two processes (torchrun) and two simulated nodes ---------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
@@ -295,7 +289,7 @@ def _env() -> dict[str, str]:
 
 def _torchrun(*worker_args: str, nproc: int = 2, nnodes: int = 1, node_rank: int = 0,
               port: int | None = None) -> subprocess.Popen:
-    cmd = torchrun_cmd(nproc, nnodes, node_rank, "127.0.0.1", port or _free_port(), WORKER,
+    cmd = torchrun_cmd(nproc, nnodes, node_rank, "127.0.0.1", port or free_port(), WORKER,
                        worker_args)
     return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -339,7 +333,7 @@ def test_two_processes_resume_exactly_and_ranks_agree(two_procs: Path) -> None:
 
 
 def test_two_simulated_nodes_match_two_processes(two_procs: Path, tmp_path: Path) -> None:
-    port, out = _free_port(), tmp_path / "out"
+    port, out = free_port(), tmp_path / "out"
     args = ("--out", str(out), "--zero", "2", "--job", f"nodes:{tmp_path / 'ckpt'}:8")
     nodes = [_torchrun(*args, nproc=1, nnodes=2, node_rank=r, port=port) for r in (0, 1)]
     _finish(*nodes)

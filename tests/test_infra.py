@@ -10,7 +10,6 @@ import copy
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -524,16 +523,10 @@ def test_serve_runs_what_lens_services_up_runs(tmp_path) -> None:
 
 def _stop(proc: subprocess.Popen, settings: services.ServiceSettings) -> None:
     """Stop a `serve` entrypoint's process group and drop the databases it created."""
-    from tests.services_fixtures import _pg
+    from tests.services_fixtures import _stop_group, drop_databases
 
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    for name in settings.databases:
-        _pg(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    _stop_group(proc)
+    drop_databases(settings.databases)
 
 
 @pytest.mark.slow
