@@ -1,12 +1,14 @@
 """Shapes-GenEval score against training compute, at fixed checkpoints of one pretraining run.
 
     python bench/learning_bench.py [--recipe small] [--set section.key=value ...] \\
-        [--out bench/results/learning_bench.json]
+        [--out bench/results/learning_bench.json] [--run-dir RUN]
 
 It runs the recipe's pipeline with ``pretrain.snapshots=true`` (the EMA model saved at every
 ``pretrain.sample_every`` step), then scores every snapshot, and the untrained model, under the
 recipe's evaluation protocol. Each point holds the step, the training FLOPs and images seen
 so far (the compute ledger), the training wall time so far, and the per-category scores.
+``--run-dir`` scores the snapshots of an existing pretraining run (one that was stopped, say)
+instead of running the pipeline; give the recipe and overrides it ran with.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--repo", default=str(REPO), help="the DVC repo the data flow uses")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "learning_bench.json"))
+    ap.add_argument("--run-dir", default=None, help="score this pretraining run's snapshots")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(REPO))
     from lens import defaults
@@ -55,10 +58,16 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [*args.overrides, "pretrain.snapshots=true"]
     recipe = load_recipe(args.recipe, overrides)
     protocol = EvalProtocol.from_recipe(recipe.eval)
-    start = time.perf_counter()
-    result = run(args.recipe, overrides, args.repo)
-    pipeline_s = time.perf_counter() - start
-    run_dir = Path(result["run_dir"])
+    pipeline_s: float | None = None  # None: an existing run, scored without running it
+    if args.run_dir is None:
+        start = time.perf_counter()
+        run_dir = Path(run(args.recipe, overrides, args.repo)["run_dir"])
+        pipeline_s = time.perf_counter() - start
+    else:
+        run_dir = Path(args.run_dir)
+        if not (run_dir / "snapshots").is_dir():
+            raise SystemExit(f"--run-dir {run_dir} has no snapshots/; pass a pretraining run "
+                             f"trained with pretrain.snapshots=true")
     ledger = _ledger(run_dir)
     snapshots = sorted((run_dir / "snapshots").glob("step-*"))
     points = []

@@ -7,6 +7,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import torch
 from prefect import get_run_logger, task
 
 import mlflow
@@ -52,7 +53,9 @@ def vae_stage(tree: dict[str, Any], dataset: str, dvc_hash: str,
         return {"dir": str(v.path), "compute_s": 0.0}
     logger = get_run_logger()
     out = vae_dir(recipe, dvc_hash)
-    vae = SemanticVAE.tiny(latent_channels=v.latent_channels, downsample=v.downsample)
+    with torch.random.fork_rng():  # seeded init, so a rerun trains the same VAE
+        torch.manual_seed(recipe.seed)
+        vae = SemanticVAE.tiny(latent_channels=v.latent_channels, downsample=v.downsample)
     loader = PackedLoader(dataset, buckets_for(recipe.buckets), recipe.buckets.token_px,
                           v.token_budget or recipe.loader.token_budget, recipe.seed, num_workers=0,
                           shuffle_buffer=recipe.loader.shuffle_buffer)

@@ -142,3 +142,13 @@ def test_learning_bench_scores_every_snapshot_against_compute(tmp_path: Path,
     assert [p["step"] for p in got["points"]] == [0, 3, 6]  # untrained, then each snapshot
     assert got["points"][1]["flops"] > 0 and got["points"][2]["flops"] > got["points"][1]["flops"]
     assert all("overall" in p["scores"] for p in got["points"])
+    # --run-dir rescores the same run's snapshots without training: the same points
+    again = subprocess.run([sys.executable, str(REPO / "bench" / "learning_bench.py"),
+                            "--recipe", "tiny", *args, "--run-dir", got["run_dir"],
+                            "--out", str(tmp_path / "again.json")], cwd=REPO, env=_env(),
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    rescored = json.loads((tmp_path / "again.json").read_text())
+    assert rescored["pipeline_s"] is None
+    assert [(p["step"], p["scores"]) for p in rescored["points"]] == [
+        (p["step"], p["scores"]) for p in got["points"]]

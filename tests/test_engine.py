@@ -21,7 +21,7 @@ from lens_model.train.engine import (
     TrainConfig,
     Trainer,
     build_ds_config,
-    warmup_then_constant,
+    lr_multiplier,
 )
 from lens_model.train.launch import torchrun_cmd
 from tests.conftest import free_port
@@ -87,9 +87,16 @@ def test_contradicting_ds_config_and_missing_method_are_refused() -> None:
 
 
 def test_warmup_is_linear_from_the_first_step_then_constant() -> None:
-    f = warmup_then_constant(4)
+    f = lr_multiplier(4)
     assert [f(k) for k in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    assert warmup_then_constant(0)(0) == 1.0
+    assert lr_multiplier(0)(0) == 1.0
+
+
+def test_cooldown_decays_linearly_to_zero_at_the_last_step() -> None:
+    f = lr_multiplier(2, total_steps=8, decay_steps=4)
+    assert [f(k) for k in range(9)] == [0.5, 1.0, 1.0, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0]
+    with pytest.raises(ValueError, match="decay_steps"):
+        TrainConfig(warmup_steps=2, decay_steps=7, total_steps=8)
 
 
 # --- EMA -------------------------------------------------------------------------------------

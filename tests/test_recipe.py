@@ -48,6 +48,9 @@ def test_bad_value_and_bad_override_and_unknown_recipe() -> None:
         load_recipe("nope")
     with pytest.raises(RecipeError, match="aspect ratio"):
         load_recipe("tiny", ["buckets.aspect_ratios=[wide]"])
+    with pytest.raises(RecipeError, match=r"pretrain.decay_steps \(960\) must be at most"):
+        load_recipe("tiny", ["pretrain.decay_steps=960"])
+    assert load_recipe("tiny", ["pretrain.steps=6"]).pretrain.decay_steps == 0  # < warmup: ok
 
 
 def test_paper_buckets() -> None:

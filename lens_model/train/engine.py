@@ -3,9 +3,10 @@
 ``Trainer(model, loss_fn, config)`` wraps ``model`` in ``deepspeed.initialize`` with a config
 built from ``infra/deepspeed/zero{N}.json`` plus the :class:`TrainConfig` values (AdamW through
 DeepSpeed with ``torch_adam``, gradient clipping, bf16 or fp32), adds a linear warmup then
-constant LR, keeps an fp32 EMA, and checkpoints every ``ckpt_every`` steps. ``fit`` resumes
-from the newest complete checkpoint and continues bit for bit: parameters, optimizer, LR
-schedule, EMA, the batch iterator's position and every RNG stream come back.
+constant LR (optionally a linear cooldown at the end), keeps an fp32 EMA, and checkpoints
+every ``ckpt_every`` steps. ``fit`` resumes from the newest complete checkpoint and continues
+bit for bit: parameters, optimizer, LR schedule, EMA, the batch iterator's position and every
+RNG stream come back.
 
 Two RNG streams keep resumes exact: the training stream (dropout, noise, timesteps drawn in
 ``loss_fn``) and a data stream that is swapped in while the batch iterator runs, so a loader
@@ -65,6 +66,8 @@ class TrainConfig:
 
     lr: float = 2e-4
     warmup_steps: int = 0
+    decay_steps: int = 0  # linear cooldown to 0 over the last decay_steps of total_steps
+    total_steps: int = 0  # needed only with decay_steps
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
@@ -82,6 +85,9 @@ class TrainConfig:
         checks = [
             (self.lr > 0, "lr", "must be > 0"),
             (self.warmup_steps >= 0, "warmup_steps", "must be >= 0"),
+            (self.decay_steps == 0 or 0 < self.decay_steps <= self.total_steps
+             - self.warmup_steps,
+             "decay_steps", "must be in [0, total_steps - warmup_steps] (set total_steps)"),
             (self.weight_decay >= 0, "weight_decay", "must be >= 0"),
             (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",
              "must be two numbers in [0, 1)"),
@@ -155,8 +161,8 @@ def _check_agrees(ds: dict[str, Any], config: TrainConfig) -> None:
         raise ValueError("ds_config fp16.enabled: the trainer supports fp32 and bf16 only; "
                          "set TrainConfig.precision='bf16'")
     if "scheduler" in ds:
-        raise ValueError("ds_config has a 'scheduler'; the trainer sets warmup-then-constant "
-                         "from TrainConfig.warmup_steps, so remove it")
+        raise ValueError("ds_config has a 'scheduler'; the trainer sets the LR schedule "
+                         "from TrainConfig.warmup_steps and decay_steps, so remove it")
 
 
 def init_distributed() -> tuple[int, int]:
@@ -195,9 +201,17 @@ def seed_everything(seed: int, rank: int = 0, stream: int = 0) -> None:
     torch.manual_seed(int(th))
 
 
-def warmup_then_constant(warmup_steps: int) -> Callable[[int], float]:
-    """LR multiplier: (k + 1) / warmup for the first ``warmup_steps`` steps, then 1."""
-    return lambda k: min(1.0, (k + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+def lr_multiplier(warmup_steps: int, total_steps: int = 0,
+                  decay_steps: int = 0) -> Callable[[int], float]:
+    """LR multiplier at step k: (k + 1) / warmup for the first ``warmup_steps`` steps, then 1,
+    then (with ``decay_steps``) linearly to 0 at ``total_steps``: warmup-stable-decay, whose
+    cooldown gives a short run much of a long run's gain."""
+    def f(k: int) -> float:
+        warm = min(1.0, (k + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+        if decay_steps <= 0:
+            return warm
+        return min(warm, max(0.0, (total_steps - k) / decay_steps))
+    return f
 
 
 class Trainer:
@@ -230,7 +244,7 @@ class Trainer:
         self.engine, *_ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=ds, lr_scheduler=lambda opt: LambdaLR(
-                opt, warmup_then_constant(config.warmup_steps)))
+                opt, lr_multiplier(config.warmup_steps, config.total_steps, config.decay_steps)))
         self.init_s = time.perf_counter() - start  # process group + deepspeed.initialize
         self.device: torch.device = self.engine.device
         self.accum = int(self.engine.gradient_accumulation_steps())

@@ -235,13 +235,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     recipe, run, dataset = read_recipe(args.params), Path(args.run), Path(args.dataset)
     run.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, _rank_world()[1])))
+    # The cores split over the local ranks, unless OMP_NUM_THREADS says otherwise (shared hosts).
+    threads = int(os.environ.get("OMP_NUM_THREADS") or 0)
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // max(1, _rank_world()[1])))
     p, te = recipe.pretrain, recipe.text_encoder
     vae = SemanticVAE.from_pretrained(args.vae).eval()
     if vae.token_px != recipe.buckets.token_px:
         raise ValueError(f"the VAE gives {vae.token_px} px per token but buckets.token_px is "
                          f"{recipe.buckets.token_px}; make them agree in the recipe")
     cfg = get_preset(recipe.model.preset, in_channels=vae.latent_channels)
+    torch.manual_seed(recipe.seed)  # the same initial weights on every rank and every rerun
     encoder = LanguageEncoder.from_spec(te.path, list(te.layers), cfg.text_dim or cfg.width,
                                         te.max_length)
     transformer = LensTransformer2DModel.from_preset(recipe.model.preset,
@@ -266,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
             features.update(cache.load(shard))
 
     loss_fn = LossFn(recipe, features, encoder, vae, cfg.patch_size)
-    config = TrainConfig(lr=p.lr, warmup_steps=p.warmup_steps, weight_decay=p.weight_decay,
+    config = TrainConfig(lr=p.lr, warmup_steps=p.warmup_steps, decay_steps=p.decay_steps,
+                         total_steps=p.steps, weight_decay=p.weight_decay,
                          betas=tuple(p.betas), grad_clip=p.grad_clip, zero_stage=p.zero_stage,
                          precision=p.precision, grad_checkpointing=p.grad_checkpointing,
                          ema_decay=p.ema_decay, ckpt_every=p.ckpt_every, keep_last=p.keep_last,
