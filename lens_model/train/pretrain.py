@@ -236,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     recipe, run, dataset = read_recipe(args.params), Path(args.run), Path(args.dataset)
     run.mkdir(parents=True, exist_ok=True)
     # The cores split over the local ranks, unless OMP_NUM_THREADS says otherwise (shared hosts).
-    threads = int(os.environ.get("OMP_NUM_THREADS") or 0)
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    threads = int(omp) if omp.isdigit() else 0  # OpenMP's nested "4,2" form: the default split
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // max(1, _rank_world()[1])))
     p, te = recipe.pretrain, recipe.text_encoder
     vae = SemanticVAE.from_pretrained(args.vae).eval()
