@@ -159,8 +159,8 @@ class PretrainSection(Section):
     steps: int = Field(1000, ge=1)
     lr: float = Field(2e-4, gt=0)
     warmup_steps: int = Field(0, ge=0)
-    decay_steps: int = Field(0, ge=0, description="linear LR cooldown to 0 over the last "
-                             "decay_steps steps (warmup-stable-decay); 0: constant to the end")
+    decay_frac: float = Field(0.0, ge=0, lt=1, description="linear LR cooldown to 0 over "
+                              "this share of the steps (warmup-stable-decay); 0: constant")
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = Field(1.0, gt=0)
@@ -188,12 +188,11 @@ class PretrainSection(Section):
     mu_max_tokens: int = Field(4096, ge=1)
     mu_max: float = 1.3
 
-    @model_validator(mode="after")
-    def _decay_fits(self) -> PretrainSection:
-        if self.decay_steps and self.decay_steps > self.steps - self.warmup_steps:
-            raise ValueError(f"pretrain.decay_steps ({self.decay_steps}) must be at most steps - "
-                             f"warmup_steps ({self.steps - self.warmup_steps}); lower it")
-        return self
+    @property
+    def decay_steps(self) -> int:
+        """Cooldown steps: a share of ``steps``, never eating into warmup (so a short run from
+        ``--set pretrain.steps=6`` just trains without one)."""
+        return min(round(self.decay_frac * self.steps), max(0, self.steps - self.warmup_steps))
 
     def mu_rule(self) -> dict[str, float]:
         """The resolution-shift rule, as keyword arguments of ``flow_matching.shift_mu``."""

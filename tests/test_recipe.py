@@ -48,8 +48,9 @@ def test_bad_value_and_bad_override_and_unknown_recipe() -> None:
         load_recipe("nope")
     with pytest.raises(RecipeError, match="aspect ratio"):
         load_recipe("tiny", ["buckets.aspect_ratios=[wide]"])
-    with pytest.raises(RecipeError, match=r"pretrain.decay_steps \(960\) must be at most"):
-        load_recipe("tiny", ["pretrain.decay_steps=960"])
+    with pytest.raises(RecipeError, match="pretrain.decay_frac"):
+        load_recipe("tiny", ["pretrain.decay_frac=1.5"])
+    assert load_recipe("tiny", ["pretrain.decay_frac=0.3"]).pretrain.decay_steps == 540
     assert load_recipe("tiny", ["pretrain.steps=6"]).pretrain.decay_steps == 0  # < warmup: ok
 
 
