@@ -50,7 +50,7 @@ def test_bad_value_and_bad_override_and_unknown_recipe() -> None:
         load_recipe("tiny", ["buckets.aspect_ratios=[wide]"])
     with pytest.raises(RecipeError, match="pretrain.decay_frac"):
         load_recipe("tiny", ["pretrain.decay_frac=1.5"])
-    assert load_recipe("tiny", ["pretrain.decay_frac=0.3"]).pretrain.decay_steps == 540
+    assert load_recipe("tiny", ["pretrain.decay_frac=0.3"]).pretrain.decay_steps == 450
     assert load_recipe("tiny", ["pretrain.steps=6"]).pretrain.decay_steps == 0  # < warmup: ok
 
 
