@@ -132,7 +132,8 @@ def infer_bench(preset: str, resolution: int, token_px: int, text: int, warmup: 
         "within_target": b1 <= REFERENCE["target_ms_batch_1"] if on_gpu else None,
         "speedup_vs_diffusers_sd3_batch_1":
             round(REFERENCE["diffusers_sd3_mmdit_ms"]["batch_1"] / b1, 3) if on_gpu else None,
-        # backbone forwards plus the measured VAE decode; the text encoder is not counted
+        # backbone forwards measured here plus LENS_FACTS' FLUX.2 VAE decode (91.6 ms, not
+        # measured by this script); the text encoder is not counted
         "estimate_20_step_cfg_s": round((20 * b2 + decode) / 1000, 3) if on_gpu else None,
         "estimate_turbo_4_step_s": round((4 * b1 + decode) / 1000, 3) if on_gpu else None,
     }

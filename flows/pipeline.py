@@ -52,14 +52,16 @@ def pipeline_flow(recipe: str = "tiny", overrides: list[str] | None = None,
         dataset = str(Path(data["manifest"]).parent)
         # a cache hit must not stand in for a trained VAE folder that was deleted
         stale = rec.vae.source == "train" and not vae_dir(rec, data["dvc_hash"]).is_dir()
-        vae = lap("vae", vae_stage.with_options(refresh_cache=stale)(
-            tree, dataset, data["dvc_hash"], parent, return_state=True))["dir"]
+        vae_run = lap("vae", vae_stage.with_options(refresh_cache=stale)(
+            tree, dataset, data["dvc_hash"], parent, return_state=True))
+        vae = vae_run["dir"]
         trained = lap("pretrain", pretrain(tree, dataset, vae, data["dvc_hash"], parent,
                                            return_state=True))
         scored = lap("evaluate", evaluate_stage(tree, trained["model_dir"], data["dvc_hash"],
                                                 parent, return_state=True))
-        runs = {"data": data["mlflow_run_id"], "pretrain": trained["run_id"],
-                "evaluate": scored["run_id"]}
+        runs = {"data": data["mlflow_run_id"], "vae": vae_run.get("run_id", ""),
+                "pretrain": trained["run_id"], "evaluate": scored["run_id"]}
+        runs = {stage: run_id for stage, run_id in runs.items() if run_id}  # a pretrained VAE
         version = lap("register", register(tree, trained["model_dir"], data["dvc_hash"], scored,
                                            runs, parent, return_state=True))
         runs = runs | {"register": version["run_id"]}  # the task keeps the dict it was given

@@ -132,10 +132,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from tasks import compare
 
     result = compare.compare(args.a, args.b)
-    recipe = load_recipe(args.recipe)
+    if args.recipe:
+        protocol = EvalProtocol.from_recipe(load_recipe(args.recipe).eval)
+    elif result["protocol"]:
+        protocol = EvalProtocol(**result["protocol"])
+    else:
+        raise SystemExit(f"{args.a} has no evaluation run to take the grid's protocol from; "
+                         f"pass --recipe NAME to draw it under that recipe's protocol")
     sides = {args.a: result["a"]["model"], args.b: result["b"]["model"]}
-    grid = compare.side_by_side_grid(sides, EvalProtocol.from_recipe(recipe.eval),
-                                     Path(args.out))
+    grid = compare.side_by_side_grid(sides, protocol, Path(args.out))
     result["grid"] = str(grid)
     width = 44
 
@@ -424,7 +429,8 @@ def parser() -> argparse.ArgumentParser:
                           "compute, and one image grid")
     comp.add_argument("a", help="a pipeline or stage run id, or NAME/VERSION")
     comp.add_argument("b", help="the same for the other side")
-    comp.add_argument("--recipe", default="tiny", help="whose eval protocol draws the grid")
+    comp.add_argument("--recipe", default=None, help="whose eval protocol draws the grid "
+                      "(default: the one side A was evaluated under)")
     comp.add_argument("--out", default="compare/grid.png", help="where the grid goes")
     comp.add_argument("--json", action="store_true")
     comp.set_defaults(func=cmd_compare)

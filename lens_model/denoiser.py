@@ -45,7 +45,8 @@ def sample_latents(denoiser: LensDenoiser, cond: tuple[Tensor, Tensor],
                    mu_rule: dict[str, float] | None = None) -> Tensor:
     """Euler flow-matching sampling with CFG (cond and uncond as one batch); (B, C, h, w)."""
     b, _, h, w = shape
-    noise = torch.randn(shape, generator=generator)
+    device = next(denoiser.parameters()).device
+    noise = torch.randn(shape, generator=generator).to(device)  # CPU draws: same on any device
     tokens = (h // denoiser.transformer.transformer_config.patch_size) * (
         w // denoiser.transformer.transformer_config.patch_size)
     mu = float(shift_mu(tokens, **(mu_rule or {})))
@@ -55,11 +56,13 @@ def sample_latents(denoiser: LensDenoiser, cond: tuple[Tensor, Tensor],
         t_len = max(cond[0].shape[1], uncond[0].shape[1])
         hidden = torch.cat([_pad(cond[0], t_len), _pad(uncond[0], t_len)])
         mask = torch.cat([_pad(cond[1], t_len), _pad(uncond[1], t_len)])
+    hidden, mask = hidden.to(device), mask.to(device)
 
     def velocity(x: Tensor, t: Tensor) -> Tensor:
         return denoiser.velocity(x, hidden, mask, t)
 
-    return euler_sample(velocity, noise, steps, mu, guidance, token_dim=1)
+    return euler_sample(velocity, noise, steps, mu, guidance, token_dim=1,
+                        patch=denoiser.transformer.transformer_config.patch_size)
 
 
 def _pad(x: Tensor, length: int) -> Tensor:

@@ -270,14 +270,16 @@ class LensPipeline(DiffusionPipeline):
         return width, height
 
     def size_flags(self, width: int, height: int) -> dict[str, str]:
-        """Flag (and warn about) an area above every trained area: allowed, but untested."""
-        trained = self.config.trained_areas
-        if not trained or width * height <= max(trained):
+        """Flag (and warn about) an area outside the trained range: allowed, but untested."""
+        trained, area = self.config.trained_areas, width * height
+        if not trained or min(trained) <= area <= max(trained):
             return {}
-        msg = (f"area {width * height} px ({width}x{height}) is above the largest trained area "
-               f"{max(trained)} px; quality may drop")
+        flag, where, edge = (("oversize", "above the largest", max(trained)) if area > max(trained)
+                             else ("undersize", "below the smallest", min(trained)))
+        msg = (f"area {area} px ({width}x{height}) is {where} trained area {edge} px; "
+               f"quality may drop")
         warnings.warn(msg, UserWarning, stacklevel=2)
-        return {"oversize": msg}
+        return {flag: msg}
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
@@ -351,7 +353,8 @@ class LensPipeline(DiffusionPipeline):
             velocity = self._velocity_fn(feats, mask)
             z = flow_sample(velocity, latents.float().to(self._execution_device), sigmas,
                             guidance_scale if guided else None, token_dim=1,
-                            order=SAMPLERS[sampler])
+                            order=SAMPLERS[sampler],
+                            patch=self.transformer.transformer_config.patch_size)
             images = self._postprocess(z, output_type)
         return LensPipelineOutput(images=images, flags=flags)
 

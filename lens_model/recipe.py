@@ -165,7 +165,9 @@ class PretrainSection(Section):
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = Field(1.0, gt=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
-    zero_stage: Literal[0, 1, 2, 3] = 2
+    # Not 3: rank 0 reads whole weights for EMA, sample grids and the saved model. The
+    # engine itself trains ZeRO-3 (infra/deepspeed/zero3.json, tests/test_engine.py).
+    zero_stage: Literal[0, 1, 2] = 2
     precision: Literal["fp32", "bf16"] = "bf16"
     grad_checkpointing: bool = True
     ckpt_every: int = Field(1000, ge=1)

@@ -94,6 +94,11 @@ class TextConnector(ModelMixin, ConfigMixin):
         return out * mask.unsqueeze(-1).to(out.dtype)
 
 
+def _file_sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 class LanguageEncoder(nn.Module):
     """A frozen Hugging Face LM read at several layers, plus a trainable :class:`TextConnector`."""
 
@@ -234,13 +239,16 @@ class LanguageEncoder(nn.Module):
         return self.connect(h, mask), mask
 
     def identity(self) -> str:
-        """A stable hash of what ``hidden`` depends on, for feature-cache keys."""
-        files = sorted((p.name, p.stat().st_size) for p in self.source.iterdir()
+        """A stable hash of what ``hidden`` depends on, for feature-cache keys.
+
+        The tokenizer and weight files count by content, so a fine-tune of the same shape is
+        another cache entry (hashing a 20B model's files takes tens of seconds, once a run)."""
+        files = sorted((p.name, _file_sha256(p)) for p in self.source.iterdir()
                        if p.is_file() and (p.name in _TOKENIZER_FILES
                                            or p.name.endswith(_WEIGHT_SUFFIX)
                                            or p.name.endswith(_WEIGHT_SUFFIX + ".index.json")))
         config = json.loads((self.source / "config.json").read_text())
-        key = {"format": 1, "config": config, "files": files, "layers": self.layers,
+        key = {"format": 2, "config": config, "files": files, "layers": self.layers,
                "max_length": self.max_length, "template": self._template,
                "use_template": self.use_template,
                "dtype": str(next(self.lm.parameters()).dtype)}

@@ -8,7 +8,7 @@ of a registered model; either resolves to the pipeline's parent run and its stag
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,9 +95,11 @@ def compare(a: str, b: str) -> dict[str, Any]:
                                ("compute", "pretrain", "compute/")):
         ma, mb = _prefixed(sa, stage, prefix), _prefixed(sb, stage, prefix)
         tables[key] = {k: [ma.get(k), mb.get(k)] for k in sorted(set(ma) | set(mb))}
+    ev = sa.stages.get("evaluate")  # side A's protocol draws the grid unless told otherwise
+    protocol = asdict(EvalProtocol.from_params(ev.data.params)) if ev else None
     return {"a": {"ref": a, "parent_run_id": sa.parent.info.run_id, "model": sa.model},
             "b": {"ref": b, "parent_run_id": sb.parent.info.run_id, "model": sb.model},
-            "params_differ": differ, "lineage": lineage, **tables}
+            "params_differ": differ, "lineage": lineage, "protocol": protocol, **tables}
 
 
 def side_by_side_grid(sides: dict[str, str], protocol: EvalProtocol, out: Path,

@@ -106,7 +106,19 @@ def check_gates(name: str, version: str) -> GateReport:
               f"the maximum {gates.max_latency_s:.3f}")]
     champ = champion_version(client, name)
     if champ is not None and champ != str(version):
-        base = _scores(_version(client, name, champ).tags)
+        champ_tags = _version(client, name, champ).tags
+        base = _scores(champ_tags)
+        ours, theirs = cand.tags.get("lens.eval_hash", ""), champ_tags.get("lens.eval_hash", "")
+        if ours != theirs:  # scores under different prompts or settings do not compare
+            checks.append(Check("same_eval_protocol", False, 0.0, 0.0,
+                                f"v{version} was scored under eval protocol {ours or '(none)'} "
+                                f"but champion v{champ} under {theirs or '(none)'}; score both "
+                                f"under one protocol before gating regressions"))
+        missing = sorted(set(base) - set(scores))
+        if missing:
+            checks.append(Check("max_regression:missing", False, float(len(missing)), 0.0,
+                                f"v{version} has no score for {', '.join(missing)}, which "
+                                f"champion v{champ} has; evaluate it on every category"))
         for cat in sorted(set(base) & set(scores) - {"overall"}):
             drop = base[cat] - scores[cat]
             checks.append(Check(f"max_regression:{cat}", drop <= gates.max_regression + 1e-9,

@@ -43,14 +43,15 @@ def vae_dir(recipe: Recipe, dvc_hash: str) -> Path:
 def vae_stage(tree: dict[str, Any], dataset: str, dvc_hash: str,
               parent_run_id: str = "") -> dict[str, Any]:
     """The VAE folder to use (``dir``): the recipe's pretrained path, or one trained here
-    (cached); ``compute_s`` is the training loop's time."""
+    (cached); ``compute_s`` is the training loop's time, ``run_id`` its MLflow run ("" when
+    nothing was trained)."""
     recipe = Recipe.model_validate(tree)
     v = recipe.vae
     if v.source == "pretrained":
         if not Path(str(v.path)).is_dir():
             raise FileNotFoundError(f"vae.path {v.path!r} is not a local folder; download the "
                                     f"AutoencoderKLFlux2 there or set vae.source=train")
-        return {"dir": str(v.path), "compute_s": 0.0}
+        return {"dir": str(v.path), "compute_s": 0.0, "run_id": ""}  # no run: nothing trained
     logger = get_run_logger()
     out = vae_dir(recipe, dvc_hash)
     with torch.random.fork_rng():  # seeded init, so a rerun trains the same VAE
@@ -62,7 +63,7 @@ def vae_stage(tree: dict[str, Any], dataset: str, dvc_hash: str,
     held_out = held_out_images(dataset, HELD_OUT, max(recipe.buckets.base_sizes))
     exp = tracking.experiment(recipe.tracking.experiment)
     tags = tracking.lineage(recipe, dvc_hash, parent_run_id) | {"lens.stage": "vae"}
-    with mlflow.start_run(experiment_id=exp, run_name=f"vae-{recipe.name}", tags=tags):
+    with mlflow.start_run(experiment_id=exp, run_name=f"vae-{recipe.name}", tags=tags) as run:
         mlflow.log_params({f"vae.{k}": val for k, val in v.model_dump(mode="json").items()})
 
         def log(step: int, metrics: dict) -> None:
@@ -78,5 +79,5 @@ def vae_stage(tree: dict[str, Any], dataset: str, dvc_hash: str,
         vae.save_pretrained(out)
         mlflow.set_tag("lens.vae_dir", str(out))
     logger.info(f"VAE: PSNR {metrics['psnr_before']:.2f} -> {metrics['psnr']:.2f} dB, {out}")
-    return {"dir": str(out), "compute_s": metrics["seconds"]}
+    return {"dir": str(out), "compute_s": metrics["seconds"], "run_id": run.info.run_id}
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -40,6 +42,15 @@ def test_protocol_hash_is_stable_and_covers_every_setting() -> None:
     assert len({PROTOCOL.hash(), *(p.hash() for p in changed)}) == 1 + len(changed)
     tiny = EvalProtocol.from_recipe(load_recipe("tiny").eval)
     assert (tiny.width, tiny.height) == (32, 32) and len(tiny.prompts()) == 6 * 50
+
+
+def test_protocol_comes_back_from_its_logged_params() -> None:
+    proto = EvalProtocol(prompts_per_category=3, width=48, height=32, cfg=5.5, sampler="heun")
+    params = {f"eval.{k}": str(v) for k, v in asdict(proto).items()}
+    assert EvalProtocol.from_params(params) == proto  # MLflow keeps params as strings
+    del params["eval.cfg"]
+    with pytest.raises(ValueError, match="logged no eval.cfg"):
+        EvalProtocol.from_params(params)
 
 
 def test_perfect_model_scores_one_and_noise_zero_with_seeds_per_image() -> None:

@@ -134,6 +134,10 @@ def test_oversize_area_is_flagged(pipe: LensPipeline) -> None:
         out = pipe(PROMPTS[:1], size="32x32", num_inference_steps=1, seed=0)
     assert out.images[0].size == (32, 32)
     assert "1024 px" in out.flags["oversize"] and "576 px" in out.flags["oversize"]
+    with pytest.warns(UserWarning, match=r"area 128 px \(16x8\).*smallest trained area 400"):
+        small = pipe(PROMPTS[:1], size="16x8", num_inference_steps=1, seed=0)
+    assert set(small.flags) == {"undersize"}
+    assert pipe(PROMPTS[:1], size="24x24", num_inference_steps=1, seed=0).flags == {}
 
 
 # --- seeds and batches -------------------------------------------------------------------
@@ -169,7 +173,9 @@ def test_cfg_batch_of_two_equals_separate_passes(pipe: LensPipeline) -> None:
             t = sigmas[i].expand(2)
             v_c = pipe.transformer.forward_unpacked(x, cond, c_mask, t)
             v_u = pipe.transformer.forward_unpacked(x, uncond, u_mask, t)
-            x = x + (sigmas[i + 1] - sigmas[i]) * cfg_velocity(v_c, v_u, scale, token_dim=1)
+            v = cfg_velocity(v_c, v_u, scale, token_dim=1,  # per 2x2-patch token
+                             patch=pipe.transformer.transformer_config.patch_size)
+            x = x + (sigmas[i + 1] - sigmas[i]) * v
     torch.testing.assert_close(out, x, atol=1e-5, rtol=1e-5)
 
 

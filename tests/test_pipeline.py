@@ -59,6 +59,9 @@ def test_tiny_pipeline_trains_and_tracks(prefect_server, dvc_repo: Path, capsys,
     mv = client.get_model_version(out["model"], out["version"])
     assert mv.tags["lens.dvc_hash"] == out["dvc_hash"] and mv.tags["lens.eval_hash"]
     assert mv.tags["lens.run.pretrain"] == out["pretrain_run_id"] and "eval.colors" in mv.tags
+    by_stage = {r.data.tags["lens.stage"]: r.info.run_id for r in children}
+    assert {k.removeprefix("lens.run.") for k in mv.tags if k.startswith("lens.run.")} == {
+        "data", "vae", "pretrain", "evaluate"} and mv.tags["lens.run.vae"] == by_stage["vae"]
     assert mv.tags["lens.prefect_flow_run_id"] and mv.tags["lens.git_commit"]
     assert "Shapes-GenEval" in mv.description
     # the Prefect artifact: the summary table, linking the MLflow runs
@@ -111,6 +114,7 @@ def test_tiny_pipeline_trains_and_tracks(prefect_server, dvc_repo: Path, capsys,
     assert cmp["b"]["parent_run_id"] == out["parent_run_id"]  # the version's own run
     assert cmp["scores"]["eval/overall"][0] == cmp["scores"]["eval/overall"][1]
     assert "compute/flops_total" in cmp["compute"] and cmp["params_differ"] == {}
+    assert cmp["protocol"]["prompts_per_category"] == 2  # the grid used the runs' own protocol
     flows = cmp["lineage"]["lens.prefect_flow_run_id"]
     assert flows[0] != flows[1] and Path(cmp["grid"]).is_file()
     after = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
@@ -121,7 +125,7 @@ def test_tiny_pipeline_trains_and_tracks(prefect_server, dvc_repo: Path, capsys,
 
 @pytest.mark.slow
 def test_killed_mid_pretraining_resumes_from_its_last_checkpoint(prefect_server,
-                                                                 dvc_repo: Path) -> None:
+                                                                 dvc_repo: Path, capsys) -> None:
     """SIGKILL the whole `lens run` process group once a checkpoint exists; the rerun picks
     up that checkpoint (not step 0) and finishes the same MLflow run."""
     from prefect.settings import PREFECT_API_URL
@@ -154,6 +158,10 @@ def test_killed_mid_pretraining_resumes_from_its_last_checkpoint(prefect_server,
     events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
     assert "final" not in events[-1]  # killed before the end
     assert cli.main(args) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    job = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                             filter_string=f"tags.`lens.job` = '{run_dir.name}'")
+    assert [r.info.run_id for r in job] == [out["pretrain_run_id"]]  # one run, resumed
     events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
     starts = [(e["step"], Path(e["resumed_from"]).name) for e in events if "resumed_from" in e]
     assert starts[0] == (0, "") and starts[-1][0] >= 10, starts  # the rerun began at a checkpoint

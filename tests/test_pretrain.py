@@ -13,7 +13,13 @@ from lens_model.denoiser import LensDenoiser
 from lens_model.features import FeatureCache
 from lens_model.recipe import load_recipe
 from lens_model.text_encoder import LanguageEncoder
-from lens_model.train.pretrain import LossFn, build_feature_cache
+from lens_model.train.pretrain import (
+    GRID_PROMPTS,
+    LossFn,
+    build_feature_cache,
+    feature_shards,
+    sample_grid,
+)
 from lens_model.transformer import LensTransformer2DModel
 from lens_model.vae import SemanticVAE
 from tasks import dataset
@@ -41,14 +47,13 @@ def parts(tmp_path_factory):
 def test_cached_and_online_features_give_the_same_loss(parts) -> None:
     root, vae, encoder, model = parts
     cache = FeatureCache(root / "features", encoder.identity(), vae.identity())
-    build_feature_cache(cache, root / "data", encoder, vae)
-    files = sorted(cache.path_for(n).stat().st_mtime_ns for n in ("shard-000000.tar",
-                                                                   "shard-000001.tar"))
-    build_feature_cache(cache, root / "data", encoder, vae)  # nothing to redo
-    assert files == sorted(cache.path_for(n).stat().st_mtime_ns for n in ("shard-000000.tar",
-                                                                           "shard-000001.tar"))
+    names = build_feature_cache(cache, root / "data", encoder, vae)
+    assert [n.rsplit("-", 1)[0] for n in names] == ["shard-000000.tar", "shard-000001.tar"]
+    files = [cache.path_for(n).stat().st_mtime_ns for n in names]
+    assert build_feature_cache(cache, root / "data", encoder, vae) == names  # nothing to redo
+    assert files == [cache.path_for(n).stat().st_mtime_ns for n in names]
     features = {}
-    for name in ("shard-000000.tar", "shard-000001.tar"):
+    for name in names:
         features.update(cache.load(name))
     loader = PackedLoader(root / "data", buckets_for(RECIPE.buckets), 8,
                           RECIPE.loader.token_budget, seed=0, num_workers=0)
@@ -59,3 +64,35 @@ def test_cached_and_online_features_give_the_same_loss(parts) -> None:
         losses.append(LossFn(RECIPE, feats, encoder, vae, 2)(model, batch))
     assert torch.isfinite(losses[0]) and losses[0] > 0
     assert torch.allclose(losses[0], losses[1], atol=1e-5)
+
+
+def test_changed_rows_get_their_own_feature_shard(parts, tmp_path) -> None:
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = parts[0]
+    data = tmp_path / "data"
+    shutil.copytree(root / "data", data)
+    before = feature_shards(data)
+    table = pq.read_table(data / "manifest.parquet")
+    captions = table.column("caption").to_pylist()
+    captions[0] = captions[0] + " Rewritten."  # row 0 lives in shard 0
+    table = table.set_column(table.schema.get_field_index("caption"), "caption",
+                             pa.array(captions, pa.string()))
+    pq.write_table(table, data / "manifest.parquet")
+    after = feature_shards(data)
+    assert list(before)[1] == list(after)[1] and list(before)[0] != list(after)[0]
+    assert list(before.values()) == list(after.values())
+
+
+def test_sample_grid_of_a_bf16_model_under_autocast(parts) -> None:
+    """What the trainer does every sample_every steps when precision is bf16."""
+    import copy
+
+    _, vae, encoder, model = parts
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    with torch.autocast("cpu", torch.bfloat16):
+        grid = sample_grid(half, encoder, vae, RECIPE, 32)
+    assert grid.size == (32 * GRID_PROMPTS, 64)

@@ -26,12 +26,14 @@ def _model() -> str:
     return name
 
 
-def _version(name: str, score: float, latency: float = 0.1, **per_cat: float) -> str:
+def _version(name: str, score: float, latency: float = 0.1, eval_hash: str = "e1",
+             cats: tuple[str, ...] = CATS, **per_cat: float) -> str:
     """A registered version carrying what the register stage records: gates and scores."""
     client = mlflow.MlflowClient()
     mv = client.create_model_version(name, source="file:///nowhere")
-    tags = {"lens.gates": GATES.model_dump_json(), "eval.seconds_per_image": str(latency)}
-    tags |= {f"eval.{c}": str(per_cat.get(c, score)) for c in CATS}
+    tags = {"lens.gates": GATES.model_dump_json(), "eval.seconds_per_image": str(latency),
+            "lens.eval_hash": eval_hash}
+    tags |= {f"eval.{c}": str(per_cat.get(c, score)) for c in cats}
     for k, v in tags.items():
         client.set_model_version_tag(name, mv.version, k, v)
     client.set_registered_model_alias(name, CANDIDATE, mv.version)
@@ -91,6 +93,17 @@ def test_regression_against_champion_fails_then_rollback_restores_it(capsys) -> 
         "lens.rolled_back"])["to"] == v1
     with pytest.raises(promote.PromotionError, match="nothing to roll back"):
         promote.rollback(name)  # v1 replaced no earlier champion
+
+
+def test_regression_needs_the_champions_protocol_and_categories() -> None:
+    name = _model()
+    promote.promote(name, _version(name, 0.6))
+    other = promote.check_gates(name, _version(name, 0.7, eval_hash="e2"))
+    assert [c.gate for c in other.checks if not c.passed] == ["same_eval_protocol"]
+    assert "under eval protocol e2 but champion" in other.failures()
+    partial = promote.check_gates(name, _version(name, 0.7, cats=("single_object", "overall")))
+    assert [c.gate for c in partial.checks if not c.passed] == ["max_regression:missing"]
+    assert "has no score for colors" in partial.failures()
 
 
 def test_two_racing_promotions_exactly_one_wins() -> None:

@@ -37,6 +37,9 @@ def test_bad_literal_names_allowed_values() -> None:
         load_recipe("tiny", ["data.task_runner=ray"])
     assert "data.task_runner" in str(err.value) and "'threads'" in str(err.value)
     assert "'dask'" in str(err.value)
+    with pytest.raises(RecipeError, match="pretrain.zero_stage") as err:  # left out, see recipe
+        load_recipe("tiny", ["pretrain.zero_stage=3"])
+    assert "2" in str(err.value)
 
 
 def test_bad_value_and_bad_override_and_unknown_recipe() -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 import mlflow
 from flows.release import release_flow
 from tests.test_promote import CHAMPION, _aliases, _model, _version
@@ -49,3 +51,13 @@ def test_release_waits_for_approval(prefect_server) -> None:
     assert result["promoted"] is True and _aliases(name)[CHAMPION] == v1
     tags = mlflow.MlflowClient().get_model_version(name, v1).tags
     assert tags["lens.promotion_reason"] == "looks good"
+
+
+def test_release_with_approval_stops_before_pausing_on_a_failing_version(prefect_server) -> None:
+    from tasks.promote import PromotionError
+
+    name = _model()
+    v1 = _version(name, 0.1)  # under the 0.3 minimum
+    with pytest.raises(PromotionError, match="overall 0.100 is 0.200 under the minimum"):
+        release_flow(name, v1, approval=True, timeout_s=5)
+    assert CHAMPION not in _aliases(name)

@@ -192,3 +192,24 @@ def test_to_moves_the_frozen_lm(qwen_dir: Path) -> None:
     assert enc.connector.proj.weight.dtype == torch.float64
     assert enc([SHORT])[0].dtype == torch.float64
     assert enc.identity() != before  # features in another dtype are another cache entry
+
+
+def test_identity_follows_weight_contents(qwen_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    tuned = tmp_path / "tuned"
+    shutil.copytree(qwen_dir, tuned)
+    (weights,) = tuned.glob("*.safetensors")
+    with safe_open(str(weights), "pt") as f:
+        metadata = f.metadata()
+    state = load_file(str(weights))
+    key = sorted(state)[0]
+    state[key] = state[key] + 1  # a "fine-tune": same names, shapes and file size
+    save_file(state, str(weights), metadata=metadata)
+    assert weights.stat().st_size == next(qwen_dir.glob("*.safetensors")).stat().st_size
+    spec = {"layers": [1, 3], "width": 16, "max_length": 32}
+    base = LanguageEncoder.from_spec(str(qwen_dir), **spec)
+    assert LanguageEncoder.from_spec(str(tuned), **spec).identity() != base.identity()

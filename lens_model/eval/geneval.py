@@ -13,7 +13,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -56,6 +56,15 @@ class EvalProtocol:
         width, height = (int(x) for x in section.size.split("x"))
         return cls(section.prompts_per_category, section.prompt_seed, width, height,
                    section.steps, section.cfg, section.sampler, section.seed)
+
+    @classmethod
+    def from_params(cls, params: dict[str, str]) -> EvalProtocol:
+        """The protocol an evaluation run logged as ``eval.<field>`` MLflow params."""
+        missing = [f"eval.{f.name}" for f in fields(cls) if f"eval.{f.name}" not in params]
+        if missing:
+            raise ValueError(f"the evaluation run logged no {', '.join(missing)}; it predates "
+                             f"this protocol version, so name a recipe whose protocol to use")
+        return cls(**{f.name: type(f.default)(params[f"eval.{f.name}"]) for f in fields(cls)})
 
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]

@@ -251,6 +251,9 @@ class Trainer:
         self.ema = EMA(self.engine.module, config.ema_decay) \
             if config.ema_decay is not None else None
         self.step = 0
+        # More state for checkpoints: name -> an object with JSON state_dict()/load_state_dict()
+        # (the compute ledger, say), saved in meta.json and restored on resume.
+        self.stateful: dict[str, Any] = {}
         self.resumed_from: Path | None = None
         self._restored = False
         self._saved_step: int | None = None
@@ -292,6 +295,12 @@ class Trainer:
         batches.load_state_dict(got.loader_state)
         got.rng["train"].restore()
         self._data_rng = got.rng.get("data", self._data_rng)
+        saved = got.meta.get("state", {})
+        for name, obj in self.stateful.items():
+            if name not in saved:
+                raise ValueError(f"{path} holds no {name!r} state (it has {sorted(saved)}); "
+                                 f"it was written without it, so resume from a fresh ckpt_dir")
+            obj.load_state_dict(saved[name])
         self.step, self.resumed_from, self._saved_step = got.step, path, got.step
         return self.step
 
@@ -304,7 +313,9 @@ class Trainer:
         path = checkpoint.save(self.config.ckpt_dir, self.step, self.engine, self.ema,
                                batches.state_dict(), rng, self.config.keep_last,
                                meta={"zero_stage": self.config.zero_stage,
-                                     "precision": self.config.precision})
+                                     "precision": self.config.precision,
+                                     "state": {k: v.state_dict()
+                                               for k, v in self.stateful.items()}})
         self._saved_step = self.step
         return path
 

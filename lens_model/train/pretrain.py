@@ -17,6 +17,7 @@ computed in the step (``online``).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -25,6 +26,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 import yaml
@@ -77,17 +79,37 @@ class Events:
                 fh.write(json.dumps(event, default=float) + "\n")
 
 
-def build_feature_cache(cache: FeatureCache, dataset: Path, encoder: LanguageEncoder,
-                        vae: SemanticVAE, batch: int = 32) -> None:
-    """Text hidden states and VAE latents of every manifest row, one file per shard."""
+def feature_shards(dataset: Path) -> dict[str, list[int]]:
+    """Feature-cache name -> manifest rows, one per data shard.
+
+    The name is the shard's file name plus a digest of its rows (key, image sha256, captions,
+    bucket), everything its features depend on besides the encoders: rebuilt data under the
+    same shard names never reads another dataset's features."""
     m = read_manifest(dataset)
-    by_shard: dict[str, list[int]] = {}
+    sha = pq.read_table(dataset / shards.MANIFEST, columns=["sha256"]).column(0).to_pylist()
+    rows: dict[str, list[int]] = {}
     for i, shard in enumerate(m.shards):
-        by_shard.setdefault(shard, []).append(i)
-    for shard, idx in sorted(by_shard.items()):
-        name = Path(shard).name
+        rows.setdefault(Path(shard).name, []).append(i)
+    out = {}
+    for name, idx in sorted(rows.items()):
+        h = hashlib.sha256()
+        for i in idx:
+            h.update(json.dumps([m.keys[i], sha[i], m.captions[i], m.short_captions[i],
+                                 m.buckets[i]]).encode())
+        out[f"{name}-{h.hexdigest()[:12]}"] = idx
+    return out
+
+
+def build_feature_cache(cache: FeatureCache, dataset: Path, encoder: LanguageEncoder,
+                        vae: SemanticVAE, batch: int = 32) -> list[str]:
+    """Text hidden states and VAE latents of every manifest row, one file per shard; returns
+    the cache names (``feature_shards``)."""
+    m = read_manifest(dataset)
+    names = feature_shards(dataset)
+    for name, idx in names.items():
         if cache.has(name):
             continue
+        shard = m.shards[idx[0]]
         members = shards.index_shard(dataset / shard)
         samples = []
         with open(dataset / shard, "rb") as fh:
@@ -107,6 +129,7 @@ def build_feature_cache(cache: FeatureCache, dataset: Path, encoder: LanguageEnc
                     samples.append((key, hidden[j, :n].clone(), mask[j, :n].clone(), latent,
                                     short))
         cache.build_shard(name, samples)
+    return list(names)
 
 
 class LossFn:
@@ -134,9 +157,11 @@ class LossFn:
                                                                              strict=True)]
         captions = [c if not s else sc for c, sc, s in zip(batch.captions, batch.short_captions,
                                                            short, strict=True)]
-        with torch.no_grad():
+        with torch.no_grad():  # the encoders sit on the training device; packing is on CPU
             hidden, mask = self.encoder.hidden(captions)
-            latents = [self.vae.encode_latent(img[None])[0] for img in batch.images]
+            hidden, mask = hidden.cpu(), mask.cpu()
+            dev = next(self.vae.parameters()).device
+            latents = [self.vae.encode_latent(img[None].to(dev))[0].cpu() for img in batch.images]
         return latents, [hidden[i, :int(mask[i].sum())] for i in range(len(batch.keys))]
 
     def __call__(self, engine: Any, batch: Batch) -> Tensor:
@@ -196,6 +221,7 @@ def sample_grid(denoiser: LensDenoiser, encoder: LanguageEncoder, vae: SemanticV
                        GRID_STEPS, GRID_CFG, torch.Generator().manual_seed(GRID_SEED),
                        recipe.pretrain.mu_rule())
     denoiser.train(was_training)
+    z = z.to(next(vae.parameters()).device, torch.float32)
     images = ((vae.decode_latent(z).clamp(-1, 1) + 1) * 127.5).round().byte()  # (B, 3, H, W)
     grid = Image.new("RGB", (size * len(prompts), size * 2), "white")
     for i, (_, truth) in enumerate(prompts):
@@ -266,8 +292,8 @@ def main(argv: list[str] | None = None) -> int:
                 init_distributed()
             dist.barrier()
         features = {}
-        for shard in sorted({Path(s).name for s in read_manifest(dataset).shards}):
-            features.update(cache.load(shard))
+        for name in feature_shards(dataset):
+            features.update(cache.load(name))
 
     loss_fn = LossFn(recipe, features, encoder, vae, cfg.patch_size)
     config = TrainConfig(lr=p.lr, warmup_steps=p.warmup_steps, decay_steps=p.decay_steps,
@@ -277,14 +303,19 @@ def main(argv: list[str] | None = None) -> int:
                          ema_decay=p.ema_decay, ckpt_every=p.ckpt_every, keep_last=p.keep_last,
                          ckpt_dir=run / "checkpoints", seed=recipe.seed)
     trainer = Trainer(denoiser, loss_fn, config)
+    # The frozen encoders run where the model trains: online features and the sample grids.
+    vae.to(trainer.device)
+    encoder.lm.to(trainer.device)
     cached = features is not None  # then images are not needed: no decoding, no workers
     loader = PackedLoader(dataset, buckets_for(recipe.buckets), recipe.buckets.token_px,
                           recipe.loader.token_budget, recipe.seed, trainer.rank,
                           trainer.world_size, 0 if cached else recipe.loader.num_workers,
                           recipe.loader.shuffle_buffer, decode=not cached)
     events = Events(run, trainer.rank)
-    device = recipe.launch.gpu_type if recipe.launch.device == "cuda" else "cpu"
+    # The GPU actually running, not the recipe's gpu_type: MFU and A100-equivalents use its peak.
+    device = torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else "cpu"
     ledger = ComputeLedger(device, trainer.world_size)
+    trainer.stateful["ledger"] = ledger  # its totals ride in checkpoints, so resumes add up
     trainer.restore(loader)  # the newest checkpoint, if any: a killed or retried job resumes
     events.emit(step=trainer.step, metrics={"model/params": float(sum(
         x.numel() for x in denoiser.parameters())), "compute/deepspeed_init_s": trainer.init_s},
@@ -294,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         flops = train_step_flops(cfg, loss_fn.last["img"], loss_fn.last["txt"],
                                  recompute=p.grad_checkpointing)
         counts = torch.tensor([flops, sum(loss_fn.last["img"]), len(loss_fn.last["img"])],
-                              dtype=torch.float64)
+                              dtype=torch.float64, device=trainer.device)  # NCCL: on GPU
         if trainer.world_size > 1:
             dist.all_reduce(counts)
         ledger.step(float(counts[0]), int(counts[1]), int(counts[2]), metrics["step_s"])
@@ -309,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     def _sample(step: int) -> None:
         if trainer.rank != 0:
             return
-        with trainer.ema.swap(trainer.module) if trainer.ema else nullcontext():
+        bf16 = torch.autocast(trainer.device.type, torch.bfloat16, enabled=p.precision == "bf16")
+        with trainer.ema.swap(trainer.module) if trainer.ema else nullcontext(), bf16:
             grid = sample_grid(trainer.module, encoder, vae, recipe, max(recipe.buckets.base_sizes))
             if p.snapshots:  # the EMA model at this step, for learning curves
                 save_final(run, trainer.module, recipe, args.vae, step,
