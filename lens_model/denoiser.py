@@ -61,8 +61,7 @@ def sample_latents(denoiser: LensDenoiser, cond: tuple[Tensor, Tensor],
     def velocity(x: Tensor, t: Tensor) -> Tensor:
         return denoiser.velocity(x, hidden, mask, t)
 
-    return euler_sample(velocity, noise, steps, mu, guidance, token_dim=1,
-                        patch=denoiser.transformer.transformer_config.patch_size)
+    return euler_sample(velocity, noise, steps, mu, guidance, token_dim=1)
 
 
 def _pad(x: Tensor, length: int) -> Tensor:

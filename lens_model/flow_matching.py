@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 ShiftRule = Callable[[Tensor], Tensor]
@@ -148,45 +147,28 @@ def euler_sigmas(steps: int, mu: Tensor | float) -> Tensor:
     return torch.cat([sig, torch.zeros_like(sig[:1])]).float()
 
 
-def cfg_velocity(cond: Tensor, uncond: Tensor, scale: float, token_dim: int = -1,
-                 patch: int = 1) -> Tensor:
+def cfg_velocity(cond: Tensor, uncond: Tensor, scale: float, token_dim: int = -1) -> Tensor:
     """Classifier-free guidance, uncond + s (cond - uncond), rescaled per token to ||cond||.
 
     The paper's inference rescales each token's guided velocity by ||cond|| / ||combined||
     (norms over ``token_dim``, the feature dim of a token), which keeps high guidance from
-    overshooting the data range. ``patch`` > 1 takes (B, C, h, w) latents (``token_dim`` 1)
-    whose tokens are patch x patch cells, as the transformer patchifies them: each norm then
-    spans a token's C x patch x patch values.
+    overshooting the data range.
     """
     combined = uncond + scale * (cond - uncond)
-    ratio = _token_norm(cond, token_dim, patch) / _token_norm(combined, token_dim,
-                                                              patch).clamp(min=1e-12)
-    return combined * ratio
-
-
-def _token_norm(x: Tensor, token_dim: int, patch: int) -> Tensor:
-    """Each token's L2 norm, broadcast back over its values (see :func:`cfg_velocity`)."""
-    sq = x.square().sum(dim=token_dim, keepdim=True)
-    if patch > 1:
-        if x.ndim != 4 or token_dim != 1:
-            raise ValueError(f"patch={patch} needs (B, C, h, w) latents with token_dim=1, got "
-                             f"shape {tuple(x.shape)} and token_dim={token_dim}")
-        sq = F.avg_pool2d(sq, patch) * patch * patch  # the sum over each token's cells
-        sq = sq.repeat_interleave(patch, dim=2).repeat_interleave(patch, dim=3)
-    return sq.sqrt()
+    c_norm = torch.linalg.vector_norm(cond, dim=token_dim, keepdim=True)
+    g_norm = torch.linalg.vector_norm(combined, dim=token_dim, keepdim=True)
+    return combined * (c_norm / g_norm.clamp(min=1e-12))
 
 
 def flow_sample(velocity_fn: VelocityFn, noise: Tensor, sigmas: Tensor,
-                guidance: float | None = None, token_dim: int = -1, order: int = 1,
-                patch: int = 1) -> Tensor:
+                guidance: float | None = None, token_dim: int = -1, order: int = 1) -> Tensor:
     """Integrate dx/dt = v from ``sigmas[0]`` (``noise`` (B, ...)) down the schedule ``sigmas``
     ((N + 1,), or (N + 1, B) per sample, ending at 0), with Euler (``order=1``) or Heun
     (``order=2``) steps.
 
     ``velocity_fn(x, t)`` takes x (B, ...) and t (B,). With ``guidance`` it is called on the
     batch of 2B, [x; x] with [t; t] (its first half conditioned, its second half
-    unconditioned, as the caller arranges), and the halves are combined by :func:`cfg_velocity`
-    (``token_dim`` and ``patch`` say what a token is);
+    unconditioned, as the caller arranges), and the halves are combined by :func:`cfg_velocity`;
     Heun guides both of its evaluations this way. Heun's step to sigma 0 stays Euler: its
     corrector would query the model at t = 0, which training almost never samples, for the
     last and smallest step (the EDM convention). Euler takes N model calls, Heun 2N - 1.
@@ -205,20 +187,19 @@ def flow_sample(velocity_fn: VelocityFn, noise: Tensor, sigmas: Tensor,
     for i in range(len(sigmas) - 1):
         t, t_next = (s.expand(b) if s.ndim == 0 else s for s in (sigmas[i], sigmas[i + 1]))
         dt = _per_row(t_next - t, x)
-        v = _guided(velocity_fn, x, t, guidance, token_dim, patch)
+        v = _guided(velocity_fn, x, t, guidance, token_dim)
         x_next = x + dt * v
         if order == 2 and bool((t_next > 0).all()):
-            v_next = _guided(velocity_fn, x_next, t_next, guidance, token_dim, patch)
+            v_next = _guided(velocity_fn, x_next, t_next, guidance, token_dim)
             x_next = x + dt * (v + v_next) / 2  # trapezoid: the mean slope over the step
         x = x_next
     return x
 
 
 def euler_sample(velocity_fn: VelocityFn, noise: Tensor, steps: int, mu: Tensor | float,
-                 guidance: float | None = None, token_dim: int = -1, patch: int = 1) -> Tensor:
+                 guidance: float | None = None, token_dim: int = -1) -> Tensor:
     """N Euler steps from t = 1 to 0 on :func:`euler_sigmas` (see :func:`flow_sample`)."""
-    return flow_sample(velocity_fn, noise, euler_sigmas(steps, mu), guidance, token_dim, order=1,
-                       patch=patch)
+    return flow_sample(velocity_fn, noise, euler_sigmas(steps, mu), guidance, token_dim, order=1)
 
 
 def heun_sample(velocity_fn: VelocityFn, noise: Tensor, steps: int, mu: Tensor | float,
@@ -228,13 +209,13 @@ def heun_sample(velocity_fn: VelocityFn, noise: Tensor, steps: int, mu: Tensor |
 
 
 def _guided(velocity_fn: VelocityFn, x: Tensor, t: Tensor, guidance: float | None,
-            token_dim: int, patch: int = 1) -> Tensor:
+            token_dim: int) -> Tensor:
     """v(x, t), or with ``guidance`` the CFG combination of one call on [x; x] (2B)."""
     if guidance is None:
         return velocity_fn(x, t.to(x.dtype))
     b = x.shape[0]
     both = velocity_fn(torch.cat([x, x]), torch.cat([t, t]).to(x.dtype))  # (2B, ...)
-    return cfg_velocity(both[:b], both[b:], guidance, token_dim, patch)
+    return cfg_velocity(both[:b], both[b:], guidance, token_dim)
 
 
 def _per_row(t: Tensor | float, x: Tensor) -> Tensor:

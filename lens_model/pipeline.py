@@ -14,8 +14,10 @@ scheduler's config (``base_shift``/``max_shift`` at ``base_image_seq_len``/``max
 tokens, exponential dynamic shifting), and the schedule comes from ``scheduler.set_timesteps``,
 which gives the same sigmas as ``flow_matching.euler_sigmas``. The integration itself is
 ``flow_matching.flow_sample`` (Euler or Heun), not ``scheduler.step``, so both samplers and CFG
-match the training code. CFG runs cond and uncond as one batch of 2B and rescales each token to
-the conditional velocity's norm; ``guidance_scale <= 1`` skips it.
+match the training code. CFG runs cond and uncond as one batch of 2B and rescales each latent
+cell to the conditional velocity's norm; ``guidance_scale <= 1`` skips it. (Rescaling whole 2x2
+transformer tokens instead measured 0.040 overall against 0.077 on the tiny model, and the same
+on the small one, so the finer rescale stays.)
 
 Each image's noise comes from its own generator (``seed[i]``), so an image does not depend on
 the batch it was generated in.
@@ -353,8 +355,7 @@ class LensPipeline(DiffusionPipeline):
             velocity = self._velocity_fn(feats, mask)
             z = flow_sample(velocity, latents.float().to(self._execution_device), sigmas,
                             guidance_scale if guided else None, token_dim=1,
-                            order=SAMPLERS[sampler],
-                            patch=self.transformer.transformer_config.patch_size)
+                            order=SAMPLERS[sampler])
             images = self._postprocess(z, output_type)
         return LensPipelineOutput(images=images, flags=flags)
 

@@ -284,16 +284,3 @@ def test_cfg_velocity_rescales_each_token_to_cond_norm() -> None:
     cos = torch.nn.functional.cosine_similarity(out, combined, dim=-1)
     torch.testing.assert_close(cos, torch.ones_like(cos))
     torch.testing.assert_close(cfg_velocity(cond, uncond, 1.0), cond)
-
-
-def test_cfg_velocity_on_latents_rescales_whole_patch_tokens() -> None:
-    from lens_model.transformer import patchify, unpatchify
-
-    cond = torch.randn(2, 3, 4, 6, generator=_gen(15))  # (B, C, h, w): 2 x 3 tokens of 2x2
-    uncond = torch.randn(2, 3, 4, 6, generator=_gen(16))
-    out = cfg_velocity(cond, uncond, 4.0, token_dim=1, patch=2)
-    tokens = cfg_velocity(patchify(cond, 2), patchify(uncond, 2), 4.0)  # (B, N, 4C) tokens
-    torch.testing.assert_close(out, unpatchify(tokens, 3, 4, 6, 2))
-    assert not torch.allclose(out, cfg_velocity(cond, uncond, 4.0, token_dim=1))  # per cell
-    with pytest.raises(ValueError, match="needs \\(B, C, h, w\\) latents"):
-        cfg_velocity(cond[0], uncond[0], 4.0, token_dim=0, patch=2)

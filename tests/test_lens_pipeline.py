@@ -173,9 +173,7 @@ def test_cfg_batch_of_two_equals_separate_passes(pipe: LensPipeline) -> None:
             t = sigmas[i].expand(2)
             v_c = pipe.transformer.forward_unpacked(x, cond, c_mask, t)
             v_u = pipe.transformer.forward_unpacked(x, uncond, u_mask, t)
-            v = cfg_velocity(v_c, v_u, scale, token_dim=1,  # per 2x2-patch token
-                             patch=pipe.transformer.transformer_config.patch_size)
-            x = x + (sigmas[i + 1] - sigmas[i]) * v
+            x = x + (sigmas[i + 1] - sigmas[i]) * cfg_velocity(v_c, v_u, scale, token_dim=1)
     torch.testing.assert_close(out, x, atol=1e-5, rtol=1e-5)
 
 
