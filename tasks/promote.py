@@ -61,6 +61,12 @@ class GateReport:
     def failures(self) -> str:
         return "; ".join(c.detail for c in self.checks if not c.passed)
 
+    def raise_if_failed(self) -> None:
+        """Raise :class:`PromotionError` naming every failed gate, if any failed."""
+        if not self.passed:
+            raise PromotionError(f"{self.name} v{self.version} fails its gates: "
+                                 f"{self.failures()}")
+
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "champion": self.champion,
                 "passed": self.passed, "checks": [asdict(c) for c in self.checks]}
@@ -182,8 +188,7 @@ def commit(report: GateReport, reason: str = "") -> None:
     """Move ``champion`` to the gated version, if it passed and the champion it was gated
     against is still the champion (checked under the registry lock)."""
     name, version = report.name, report.version
-    if not report.passed:
-        raise PromotionError(f"{name} v{version} fails its gates: {report.failures()}")
+    report.raise_if_failed()
     client = mlflow.MlflowClient()
     with registry_lock():
         now = champion_version(client, name)

@@ -23,9 +23,8 @@ def promote_task(name: str, version: str, dry_run: bool = False, reason: str = "
     logger = get_run_logger()
     try:
         report = promote.promote(name, version, dry_run, reason)
-        if strict and not report.passed:  # a dry run reports failures; strict stops here
-            raise promote.PromotionError(f"{name} v{version} fails its gates: "
-                                         f"{report.failures()}")
+        if strict:  # a dry run reports failures; strict stops here
+            report.raise_if_failed()
     except promote.PromotionError as exc:
         if strict:
             raise

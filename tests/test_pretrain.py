@@ -8,7 +8,7 @@ import torch
 
 from lens_model.buckets import buckets_for
 from lens_model.config import get_preset
-from lens_model.data.loader import PackedLoader
+from lens_model.data.loader import PackedLoader, read_manifest
 from lens_model.denoiser import LensDenoiser
 from lens_model.features import FeatureCache
 from lens_model.recipe import load_recipe
@@ -75,14 +75,14 @@ def test_changed_rows_get_their_own_feature_shard(parts, tmp_path) -> None:
     root = parts[0]
     data = tmp_path / "data"
     shutil.copytree(root / "data", data)
-    before = feature_shards(data)
+    before = feature_shards(data, read_manifest(data))
     table = pq.read_table(data / "manifest.parquet")
     captions = table.column("caption").to_pylist()
     captions[0] = captions[0] + " Rewritten."  # row 0 lives in shard 0
     table = table.set_column(table.schema.get_field_index("caption"), "caption",
                              pa.array(captions, pa.string()))
     pq.write_table(table, data / "manifest.parquet")
-    after = feature_shards(data)
+    after = feature_shards(data, read_manifest(data))
     assert list(before)[1] == list(after)[1] and list(before)[0] != list(after)[0]
     assert list(before.values()) == list(after.values())
 

@@ -319,9 +319,14 @@ class Trainer:
         self._saved_step = self.step
         return path
 
+    def autocast(self) -> torch.autocast:
+        """bf16 autocast on this trainer's device when its precision is bf16, else a no-op:
+        for the loss, and for anything else that runs the (bf16) model, like sample grids."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16,
+                              enabled=self.config.precision == "bf16")
+
     def _loss(self, batch: Any) -> Tensor:
-        bf16 = self.config.precision == "bf16"
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+        with self.autocast():
             loss = self.loss_fn(self.engine, batch)
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             raise TypeError(f"loss_fn must return a scalar tensor, got "

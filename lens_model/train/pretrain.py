@@ -39,7 +39,14 @@ from lens_model.buckets import Bucket, buckets_for
 from lens_model.config import get_preset
 from lens_model.data import shards
 from lens_model.data.captions import long_caption, short_caption
-from lens_model.data.loader import Batch, PackedLoader, fitted_pixels, read_manifest, to_signed
+from lens_model.data.loader import (
+    Batch,
+    Manifest,
+    PackedLoader,
+    fitted_pixels,
+    read_manifest,
+    to_signed,
+)
 from lens_model.data.world import render, sample_scene
 from lens_model.denoiser import LensDenoiser, sample_latents
 from lens_model.features import FeatureCache, Features
@@ -79,13 +86,12 @@ class Events:
                 fh.write(json.dumps(event, default=float) + "\n")
 
 
-def feature_shards(dataset: Path) -> dict[str, list[int]]:
-    """Feature-cache name -> manifest rows, one per data shard.
+def feature_shards(dataset: Path, m: Manifest) -> dict[str, list[int]]:
+    """Feature-cache name -> rows of ``dataset``'s manifest ``m``, one per data shard.
 
     The name is the shard's file name plus a digest of its rows (key, image sha256, captions,
     bucket), everything its features depend on besides the encoders: rebuilt data under the
     same shard names never reads another dataset's features."""
-    m = read_manifest(dataset)
     sha = pq.read_table(dataset / shards.MANIFEST, columns=["sha256"]).column(0).to_pylist()
     rows: dict[str, list[int]] = {}
     for i, shard in enumerate(m.shards):
@@ -105,7 +111,7 @@ def build_feature_cache(cache: FeatureCache, dataset: Path, encoder: LanguageEnc
     """Text hidden states and VAE latents of every manifest row, one file per shard; returns
     the cache names (``feature_shards``)."""
     m = read_manifest(dataset)
-    names = feature_shards(dataset)
+    names = feature_shards(dataset, m)
     for name, idx in names.items():
         if cache.has(name):
             continue
@@ -292,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                 init_distributed()
             dist.barrier()
         features = {}
-        for name in feature_shards(dataset):
+        for name in feature_shards(dataset, read_manifest(dataset)):
             features.update(cache.load(name))
 
     loss_fn = LossFn(recipe, features, encoder, vae, cfg.patch_size)
@@ -340,8 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     def _sample(step: int) -> None:
         if trainer.rank != 0:
             return
-        bf16 = torch.autocast(trainer.device.type, torch.bfloat16, enabled=p.precision == "bf16")
-        with trainer.ema.swap(trainer.module) if trainer.ema else nullcontext(), bf16:
+        with trainer.ema.swap(trainer.module) if trainer.ema else nullcontext(), \
+                trainer.autocast():
             grid = sample_grid(trainer.module, encoder, vae, recipe, max(recipe.buckets.base_sizes))
             if p.snapshots:  # the EMA model at this step, for learning curves
                 save_final(run, trainer.module, recipe, args.vae, step,
