@@ -16,9 +16,11 @@ $(PY):
 	python3 -m venv $(VENV)
 
 # torch first, pinned to the CPU wheel: letting pip resolve plain `torch` pulls a CUDA build.
+# --no-compile: pip would byte-compile all ~28,000 installed modules, where a run imports a
+# fraction (Python compiles those on first import).
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e '.[dev]'
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --no-compile torch==2.13.0
+	$(PY) -m pip install --no-compile -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

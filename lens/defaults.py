@@ -61,6 +61,9 @@ def apply() -> Path:
         HF_HOME=str(home / "hf"),
         # Prefect logs the flow's own output; it should not warn about a missing UI build.
         PREFECT_UI_ENABLED="false",
+        # Its first start on a fresh install (bytecode compiles, database migrations) took
+        # over Prefect's 20 s default on this 2-core machine.
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
     )
     for key, value in defaults.items():
         os.environ.setdefault(key, value)

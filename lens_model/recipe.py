@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from lens_model.data import world
+
 CONFIG_DIR = Path(os.environ.get("LENS_CONFIG_DIR")
                   or Path(__file__).resolve().parents[1] / "configs")
 ASPECT_RATIOS_1_2_TO_2_1 = ["1:2", "9:16", "2:3", "3:4", "1:1", "4:3", "3:2", "16:9", "2:1"]
@@ -77,6 +79,12 @@ class DataSection(Section):
     samples_per_shard: int = Field(128, ge=1)
     min_objects: int = Field(1, ge=1, le=4)
     max_objects: int = Field(4, ge=1, le=4)
+    # The shapes world's backgrounds and patterns to draw from (all by default). Tiny models
+    # narrow them: short captions never name the background, so a model asked for "a red
+    # circle" averages every background it has seen into a blur with stray colour.
+    backgrounds: list[str] = Field(default_factory=lambda: list(world.BACKGROUNDS),
+                                   min_length=1)
+    patterns: list[str] = Field(default_factory=lambda: list(world.PATTERNS), min_length=1)
     task_runner: Literal["threads", "dask"] = "threads"
     workers: int = Field(2, ge=1)
     dask_address: str | None = Field(None, description="tcp://host:8786 of a running scheduler")
@@ -86,6 +94,10 @@ class DataSection(Section):
     def _check(self) -> DataSection:
         if self.min_objects > self.max_objects:
             raise ValueError("min_objects must be <= max_objects")
+        for key, allowed in (("backgrounds", world.BACKGROUNDS), ("patterns", world.PATTERNS)):
+            unknown = [v for v in getattr(self, key) if v not in allowed]
+            if unknown:
+                raise ValueError(f"{key} {unknown} unknown; use some of: {', '.join(allowed)}")
         if self.source == "ingest" and not self.ingest_paths:
             raise ValueError("source 'ingest' needs ingest_paths (folders, .tar or .parquet)")
         return self

@@ -81,7 +81,8 @@ def _items(recipe: Recipe, chunk: dict[str, Any], index: int) -> Iterator[RawIte
     if chunk["kind"] == "shapes":
         d = recipe.data
         return shapes.make_items(recipe.seed, chunk["start"], chunk["stop"],
-                                 buckets_for(recipe.buckets), d.min_objects, d.max_objects)
+                                 buckets_for(recipe.buckets), d.min_objects, d.max_objects,
+                                 tuple(d.backgrounds), tuple(d.patterns))
     return ingest.read_chunk(chunk, key_prefix="in")  # keys hash the source: stable anyway
 
 

@@ -59,7 +59,8 @@ def evaluate_stage(tree: dict[str, Any], model_dir: str, dvc_hash: str,
     pipe = load_pipeline(model_dir)
     report = evaluate(pipeline_generator(pipe, protocol), protocol)
     baseline = evaluate(pipeline_generator(untrained_like(pipe, recipe.seed), protocol), protocol)
-    ceiling = reconstruction_ceiling(pipe.semantic_vae.reconstruct, protocol)
+    ceiling = reconstruction_ceiling(pipe.semantic_vae.reconstruct, protocol,
+                                     recipe.data.backgrounds, recipe.data.patterns)
     compute_s = time.perf_counter() - start
     key = hashlib.sha256(model_dir.encode()).hexdigest()[:8]
     out_dir = defaults.lens_home() / "eval" / f"{protocol.hash()}-{key}"

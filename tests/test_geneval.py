@@ -6,9 +6,11 @@ from dataclasses import asdict
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from torch import Tensor
 
-from lens_model.data.world import render
+from lens_model.data.world import BACKGROUNDS, render
 from lens_model.eval.geneval import (
     EvalProtocol,
     evaluate,
@@ -79,3 +81,15 @@ def test_reconstruction_ceiling_is_one_for_a_lossless_round_trip_and_zero_for_a_
     assert reconstruction_ceiling(lambda x: x, PROTOCOL)["overall"] == 1.0
     washed = reconstruction_ceiling(lambda x: x * 0.2, PROTOCOL)  # colours pulled to grey
     assert washed["overall"] < 0.2
+
+
+def test_reconstruction_ceiling_draws_the_scenes_in_the_recipes_world() -> None:
+    seen: list[Tensor] = []
+
+    def keep(x: Tensor) -> Tensor:
+        seen.append(x)
+        return x
+
+    assert reconstruction_ceiling(keep, PROTOCOL, ["mint"], ["plain"])["overall"] == 1.0
+    mint = torch.tensor(BACKGROUNDS["mint"][0]) / 127.5 - 1  # every corner is background
+    assert all(torch.allclose(x[0, :, 0, 0], mint) for x in seen)

@@ -24,7 +24,9 @@ from lens_model.transformer import LensTransformer2DModel
 from lens_model.vae import SemanticVAE
 from tasks import dataset
 
-RECIPE = load_recipe("tiny", ["data.num_samples=32", "data.samples_per_shard=16"])
+# long and short captions mixed (the small recipe's 0.9), so both feature paths are read
+RECIPE = load_recipe("tiny", ["data.num_samples=32", "data.samples_per_shard=16",
+                              "pretrain.short_caption_prob=0.9"])
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +46,26 @@ def parts(tmp_path_factory):
     return root, vae, encoder, model
 
 
+def _load(cache: FeatureCache, names: list[str]) -> dict:
+    features: dict = {}
+    for name in names:
+        features.update(cache.load(name))
+    return features
+
+
+def _losses(recipe, features, parts) -> list[torch.Tensor]:
+    """One loader batch's loss from cached ``features``, then from the encoders online."""
+    root, vae, encoder, model = parts
+    loader = PackedLoader(root / "data", buckets_for(recipe.buckets), 8,
+                          recipe.loader.token_budget, seed=0, num_workers=0)
+    batch = next(iter(loader))
+    losses = []
+    for feats in (features, None):
+        torch.manual_seed(1)
+        losses.append(LossFn(recipe, feats, encoder, vae, 2)(model, batch))
+    return losses
+
+
 def test_cached_and_online_features_give_the_same_loss(parts) -> None:
     root, vae, encoder, model = parts
     cache = FeatureCache(root / "features", encoder.identity(), vae.identity())
@@ -52,18 +74,26 @@ def test_cached_and_online_features_give_the_same_loss(parts) -> None:
     files = [cache.path_for(n).stat().st_mtime_ns for n in names]
     assert build_feature_cache(cache, root / "data", encoder, vae) == names  # nothing to redo
     assert files == [cache.path_for(n).stat().st_mtime_ns for n in names]
-    features = {}
-    for name in names:
-        features.update(cache.load(name))
-    loader = PackedLoader(root / "data", buckets_for(RECIPE.buckets), 8,
-                          RECIPE.loader.token_budget, seed=0, num_workers=0)
-    batch = next(iter(loader))
-    losses = []
-    for feats in (features, None):
-        torch.manual_seed(1)
-        losses.append(LossFn(RECIPE, feats, encoder, vae, 2)(model, batch))
-    assert torch.isfinite(losses[0]) and losses[0] > 0
-    assert torch.allclose(losses[0], losses[1], atol=1e-5)
+    cached, online = _losses(RECIPE, _load(cache, names), parts)
+    assert torch.isfinite(cached) and cached > 0
+    assert torch.allclose(cached, online, atol=1e-5)
+
+
+def test_a_short_caption_only_cache_skips_long_captions_and_gives_the_same_loss(parts) -> None:
+    root, vae, encoder, model = parts
+    cache = FeatureCache(root / "features", encoder.identity(), vae.identity())
+    names = build_feature_cache(cache, root / "data", encoder, vae, long_captions=False)
+    assert all(n.endswith("-short") for n in names)
+    assert set(names).isdisjoint(build_feature_cache(cache, root / "data", encoder, vae))
+    features = _load(cache, names)
+    m = read_manifest(root / "data")
+    short, _ = encoder.hidden([m.short_captions[0]])
+    text, _, _, stored_short = features[m.keys[0]]
+    assert text.shape == stored_short.shape == short[0].shape  # no long caption was encoded
+    assert torch.allclose(text, short[0], atol=1e-5)
+    only_short = load_recipe("tiny", ["pretrain.short_caption_prob=1.0"])
+    cached, online = _losses(only_short, features, parts)
+    assert torch.allclose(cached, online, atol=1e-5)
 
 
 def test_changed_rows_get_their_own_feature_shard(parts, tmp_path) -> None:

@@ -42,6 +42,17 @@ def test_bad_literal_names_allowed_values() -> None:
     assert "2" in str(err.value)
 
 
+def test_world_narrowing_names_unknown_backgrounds_and_patterns() -> None:
+    r = load_recipe("tiny", ['data.backgrounds=["cream", "mint"]'])
+    assert r.data.backgrounds == ["cream", "mint"]
+    with pytest.raises(ValueError, match=r"backgrounds \['teal'\] unknown; use some of: light"):
+        load_recipe("tiny", ['data.backgrounds=["teal"]'])
+    with pytest.raises(ValueError, match=r"patterns \['dots'\] unknown"):
+        load_recipe("tiny", ['data.patterns=["dots"]'])
+    with pytest.raises(ValueError, match="patterns"):
+        load_recipe("tiny", ["data.patterns=[]"])
+
+
 def test_bad_value_and_bad_override_and_unknown_recipe() -> None:
     with pytest.raises(RecipeError, match="data.num_samples"):
         load_recipe("tiny", ["data.num_samples=0"])
@@ -53,7 +64,8 @@ def test_bad_value_and_bad_override_and_unknown_recipe() -> None:
         load_recipe("tiny", ["buckets.aspect_ratios=[wide]"])
     with pytest.raises(RecipeError, match="pretrain.decay_frac"):
         load_recipe("tiny", ["pretrain.decay_frac=1.5"])
-    assert load_recipe("tiny", ["pretrain.decay_frac=0.3"]).pretrain.decay_steps == 450
+    wsd = load_recipe("tiny", ["pretrain.steps=1500", "pretrain.decay_frac=0.3"])
+    assert wsd.pretrain.decay_steps == 450
     assert load_recipe("tiny", ["pretrain.steps=6"]).pretrain.decay_steps == 0  # < warmup: ok
 
 

@@ -38,6 +38,7 @@ from lens_model.data.world import (
     Obj,
     Scene,
     draw_shape,
+    plain_ok,
     region,
     relation,
     relations,
@@ -135,6 +136,25 @@ def test_scene_sampler_uses_the_whole_vocabulary():
     assert {s.pattern for s in got} == set(PATTERNS)
     assert {region(o) for o in objs} == {(r, c) for r in ("top", "middle", "bottom")
                                           for c in ("left", "centre", "right")}
+
+
+def test_a_narrowed_world_draws_only_its_backgrounds_and_patterns():
+    full = [sample_scene(random.Random(f"n/{i}")) for i in range(100)]
+    same = [sample_scene(random.Random(f"n/{i}"), 1, 4, tuple(BACKGROUNDS), PATTERNS)
+            for i in range(100)]
+    assert same == full  # the defaults are the whole world, draw for draw
+    got = [sample_scene(random.Random(f"n/{i}"), 1, 4, ("cream", "mint"), ("plain",))
+           for i in range(200)]
+    assert {s.background for s in got} == {"cream", "mint"}
+    assert {s.pattern for s in got} == {"plain"}  # even where plain_ok is false
+    assert any(not plain_ok(s.objects, s.background) for s in got)
+    striped = [sample_scene(random.Random(f"n/{i}"), 1, 4, ("cream",), ("plain", "checks"))
+               for i in range(200)]
+    assert all(s.pattern == "checks" for s in striped if not plain_ok(s.objects, "cream"))
+    with pytest.raises(ValueError, match="background 'teal' is unknown"):
+        sample_scene(random.Random(0), 1, 4, ("teal",))
+    with pytest.raises(ValueError, match="pattern 'dots' is unknown"):
+        sample_scene(random.Random(0), 1, 4, ("cream",), ("dots",))
 
 
 def test_bad_counts_and_dicts_are_refused_with_the_item_named():
@@ -350,6 +370,14 @@ def test_make_items_yields_images_captions_and_verifiable_meta():
         caption = item.caption.decode()
         assert all(o.color in caption and o.shape in caption for o in scene.objects)
     assert len({(i.meta["width"], i.meta["height"]) for i in items}) > 5
+
+
+def test_make_items_on_a_narrowed_world():
+    items = list(make_items(0, 0, 30, TINY, 1, 4, ("light grey",), ("plain",)))
+    for item in items:
+        scene = Scene.from_dict(item.meta["scene"])
+        assert (scene.background, scene.pattern) == ("light grey", "plain")
+        assert "light grey" in item.caption.decode()
 
 
 def test_make_items_refuses_bad_arguments():

@@ -16,7 +16,15 @@ from PIL import Image
 from lens_model.buckets import Bucket
 from lens_model.data.captions import long_caption, short_caption
 from lens_model.data.items import RawItem
-from lens_model.data.world import MAX_OBJECTS, MIN_SIDE, relations, render, sample_scene
+from lens_model.data.world import (
+    BACKGROUNDS,
+    MAX_OBJECTS,
+    MIN_SIDE,
+    PATTERNS,
+    relations,
+    render,
+    sample_scene,
+)
 
 SOURCE = "shapes"
 PNG_COMPRESS_LEVEL = 1  # fast; the shard bytes stay deterministic at any fixed level
@@ -35,7 +43,8 @@ def encode_png(image: Image.Image) -> bytes:
 
 
 def make_items(seed: int, start: int, stop: int, buckets: list[Bucket], min_objects: int,
-               max_objects: int) -> Iterator[RawItem]:
+               max_objects: int, backgrounds: tuple[str, ...] = tuple(BACKGROUNDS),
+               patterns: tuple[str, ...] = PATTERNS) -> Iterator[RawItem]:
     """Yield the samples ``start`` to ``stop - 1``: a PNG, its long caption and scene meta.
 
     The meta also holds a GenEval-worded ``short_caption`` of the scene, for caption mixing.
@@ -55,7 +64,7 @@ def make_items(seed: int, start: int, stop: int, buckets: list[Bucket], min_obje
     for index in range(start, stop):
         rng = item_rng(seed, index)
         bucket = rng.choice(buckets)
-        scene = sample_scene(rng, min_objects, max_objects)
+        scene = sample_scene(rng, min_objects, max_objects, backgrounds, patterns)
         png = encode_png(render(scene, bucket.width, bucket.height))
         caption = long_caption(scene, bucket.width, bucket.height, rng)
         # Its own rng, so adding it left every long caption as it was.

@@ -310,23 +310,38 @@ def plain_ok(objects: tuple[Obj, ...], background: str) -> bool:
     return entropy >= 0.62 and contrast >= 60
 
 
-def sample_background(rng: random.Random, objects: tuple[Obj, ...]) -> tuple[str, str]:
-    """A background name and pattern; plain (where ``plain_ok``) is as likely as a pattern."""
-    background = rng.choice(tuple(BACKGROUNDS))
-    patterns = PATTERNS if plain_ok(objects, background) else PATTERNS[1:]
+def sample_background(rng: random.Random, objects: tuple[Obj, ...],
+                      backgrounds: tuple[str, ...] = tuple(BACKGROUNDS),
+                      patterns: tuple[str, ...] = PATTERNS) -> tuple[str, str]:
+    """A background name and pattern from those given; plain is as likely as a pattern.
+
+    Plain is dropped where not ``plain_ok``, unless it is the only pattern given: then the
+    data contract's entropy and sharpness rules judge the frame.
+    """
+    background = rng.choice(backgrounds)
+    if not plain_ok(objects, background):
+        patterns = tuple(p for p in patterns if p != "plain") or patterns
     return background, rng.choice(patterns)
 
 
-def sample_scene(rng: random.Random, min_objects: int = 1,
-                 max_objects: int = MAX_OBJECTS) -> Scene:
-    """A random scene of ``min_objects`` to ``max_objects`` objects."""
+def sample_scene(rng: random.Random, min_objects: int = 1, max_objects: int = MAX_OBJECTS,
+                 backgrounds: tuple[str, ...] = tuple(BACKGROUNDS),
+                 patterns: tuple[str, ...] = PATTERNS) -> Scene:
+    """A random scene of ``min_objects`` to ``max_objects`` objects, on one of
+    ``backgrounds`` with one of ``patterns`` (a recipe may narrow them at tiny sizes)."""
     if not 1 <= min_objects <= max_objects <= MAX_OBJECTS:
         raise ValueError(f"object counts {min_objects}..{max_objects} are invalid; need "
                          f"1 <= min_objects <= max_objects <= {MAX_OBJECTS}")
+    for name in backgrounds:
+        _check_name(name, tuple(BACKGROUNDS), "background")
+    for name in patterns:
+        _check_name(name, PATTERNS, "pattern")
+    if not backgrounds or not patterns:
+        raise ValueError("sample_scene needs at least one background and one pattern")
     n = rng.randint(min_objects, max_objects)
     specs = [(rng.choice(SHAPES), rng.choice(tuple(COLORS)), s) for s in sample_sizes(rng, n)]
     objects = layout_objects(rng, specs)
-    background, pattern = sample_background(rng, objects)
+    background, pattern = sample_background(rng, objects, backgrounds, patterns)
     return Scene(objects, background, pattern)
 
 

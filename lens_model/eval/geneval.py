@@ -12,8 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -23,7 +23,7 @@ from torch import Tensor
 
 from lens_model.data.captions import Prompt, prompt_set
 from lens_model.data.loader import to_signed
-from lens_model.data.world import render
+from lens_model.data.world import BACKGROUNDS, PATTERNS, render
 from lens_model.eval.verifier import score, verify
 from lens_model.pipeline import LensPipeline
 from lens_model.recipe import EvalSection
@@ -131,15 +131,25 @@ def untrained_like(pipe: LensPipeline, seed: int = 0) -> LensPipeline:
                         trained_areas=pipe.config.trained_areas)
 
 
-def reconstruction_ceiling(reconstruct: Callable[[Tensor], Tensor],
-                           protocol: EvalProtocol) -> dict[str, float]:
+def reconstruction_ceiling(reconstruct: Callable[[Tensor], Tensor], protocol: EvalProtocol,
+                           backgrounds: Sequence[str] = tuple(BACKGROUNDS),
+                           patterns: Sequence[str] = PATTERNS) -> dict[str, float]:
     """The scores of the prompts' ground-truth renders after an autoencoder round trip
     (``reconstruct``: (1, 3, H, W) in [-1, 1] -> the same): the most any model drawing in
-    that autoencoder's latent space can score under ``protocol``."""
+    that autoencoder's latent space can score under ``protocol``.
+
+    Scenes are drawn in the world the model was trained on: a background or pattern outside
+    ``backgrounds``/``patterns`` (the recipe's) becomes the first of them.
+    """
     results = []
     with torch.no_grad():
         for p in protocol.prompts():
-            pixels = np.asarray(render(p.scene, protocol.width, protocol.height))
+            scene = replace(
+                p.scene,
+                background=p.scene.background if p.scene.background in backgrounds
+                else backgrounds[0],
+                pattern=p.scene.pattern if p.scene.pattern in patterns else patterns[0])
+            pixels = np.asarray(render(scene, protocol.width, protocol.height))
             x = to_signed(pixels.transpose(2, 0, 1))[None]  # (1, 3, H, W) in [-1, 1]
             y = ((reconstruct(x).clamp(-1, 1)[0] + 1) * 127.5).round().byte()
             image = Image.fromarray(y.permute(1, 2, 0).cpu().numpy())

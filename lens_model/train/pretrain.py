@@ -86,12 +86,14 @@ class Events:
                 fh.write(json.dumps(event, default=float) + "\n")
 
 
-def feature_shards(dataset: Path, m: Manifest) -> dict[str, list[int]]:
+def feature_shards(dataset: Path, m: Manifest, long_captions: bool = True
+                   ) -> dict[str, list[int]]:
     """Feature-cache name -> rows of ``dataset``'s manifest ``m``, one per data shard.
 
     The name is the shard's file name plus a digest of its rows (key, image sha256, captions,
     bucket), everything its features depend on besides the encoders: rebuilt data under the
-    same shard names never reads another dataset's features."""
+    same shard names never reads another dataset's features. Without ``long_captions`` the
+    name ends in ``-short`` (see ``build_feature_cache``)."""
     sha = pq.read_table(dataset / shards.MANIFEST, columns=["sha256"]).column(0).to_pylist()
     rows: dict[str, list[int]] = {}
     for i, shard in enumerate(m.shards):
@@ -102,16 +104,22 @@ def feature_shards(dataset: Path, m: Manifest) -> dict[str, list[int]]:
         for i in idx:
             h.update(json.dumps([m.keys[i], sha[i], m.captions[i], m.short_captions[i],
                                  m.buckets[i]]).encode())
-        out[f"{name}-{h.hexdigest()[:12]}"] = idx
+        out[f"{name}-{h.hexdigest()[:12]}{'' if long_captions else '-short'}"] = idx
     return out
 
 
 def build_feature_cache(cache: FeatureCache, dataset: Path, encoder: LanguageEncoder,
-                        vae: SemanticVAE, batch: int = 32) -> list[str]:
+                        vae: SemanticVAE, batch: int = 32, long_captions: bool = True
+                        ) -> list[str]:
     """Text hidden states and VAE latents of every manifest row, one file per shard; returns
-    the cache names (``feature_shards``)."""
+    the cache names (``feature_shards``).
+
+    Without ``long_captions`` (a recipe that trains on short captions only) a row with a
+    short caption stores its short caption's states as its text too: encoding ~110-word
+    captions nobody reads would be most of this stage's time.
+    """
     m = read_manifest(dataset)
-    names = feature_shards(dataset, m)
+    names = feature_shards(dataset, m, long_captions)
     for name, idx in names.items():
         if cache.has(name):
             continue
@@ -121,10 +129,12 @@ def build_feature_cache(cache: FeatureCache, dataset: Path, encoder: LanguageEnc
         with open(dataset / shard, "rb") as fh:
             for start in range(0, len(idx), batch):
                 part = idx[start:start + batch]
-                hidden, mask = encoder.hidden([m.captions[i] for i in part])
                 shorts = [m.short_captions[i] for i in part]
-                s_hidden, s_mask = (encoder.hidden([s or "" for s in shorts]) if any(shorts)
-                                    else (hidden, mask))
+                texts = [m.captions[i] if long_captions or not shorts[j] else shorts[j]
+                         for j, i in enumerate(part)]
+                hidden, mask = encoder.hidden(texts)
+                s_hidden, s_mask = (encoder.hidden([s or "" for s in shorts])
+                                    if any(shorts) and long_captions else (hidden, mask))
                 for j, i in enumerate(part):
                     key, (w, h) = m.keys[i], map(int, m.buckets[i].split("x"))
                     data = shards.read_member(fh, *members[key][shards.image_member(members[key])])
@@ -205,8 +215,9 @@ def grid_prompts(recipe: Recipe) -> list[tuple[str, Image.Image]]:
     size = max(recipe.buckets.base_sizes)
     out = []
     for _ in range(GRID_PROMPTS):
-        scene = sample_scene(rng, recipe.data.min_objects,
-                             max(recipe.data.min_objects, GRID_MAX_OBJECTS))
+        d = recipe.data
+        scene = sample_scene(rng, d.min_objects, max(d.min_objects, GRID_MAX_OBJECTS),
+                             tuple(d.backgrounds), tuple(d.patterns))
         short = recipe.pretrain.short_caption_prob >= 0.5
         text = short_caption(scene, rng) if short else long_caption(scene, size, size, rng)
         out.append((text, render(scene, size, size)))
@@ -289,8 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     if p.features == "cached":
         cache = FeatureCache(Path(args.features or run.parent.parent / "features"),
                              encoder.identity(), vae.identity())
+        long_captions = p.short_caption_prob < 1.0
         if rank == 0:
-            build_feature_cache(cache, dataset, encoder, vae)
+            build_feature_cache(cache, dataset, encoder, vae, long_captions=long_captions)
         if world > 1:
             if not dist.is_initialized():
                 from lens_model.train.engine import init_distributed
@@ -298,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
                 init_distributed()
             dist.barrier()
         features = {}
-        for name in feature_shards(dataset, read_manifest(dataset)):
+        for name in feature_shards(dataset, read_manifest(dataset), long_captions):
             features.update(cache.load(name))
 
     loss_fn = LossFn(recipe, features, encoder, vae, cfg.patch_size)
