@@ -194,7 +194,8 @@ class PretrainSection(Section):
         "empty (negative) prompt gives at inference: the unconditional branch of CFG")
     short_caption_prob: float = Field(
         0.0, ge=0, le=1, description="chance a sample trains on its short caption, where it has "
-        "one (caption mixing); 0 trains on long captions only, as the paper does")
+        "one (caption mixing); 0 trains on long captions only, as the paper does; 1 never "
+        "reads long captions, so the feature cache does not encode them")
     timestep_mean: float = 0.0
     timestep_std: float = Field(1.0, gt=0)
     mu_base_tokens: int = Field(256, ge=1, description="mu rule: mu_base at this token count")
