@@ -94,10 +94,7 @@ class DataSection(Section):
     def _check(self) -> DataSection:
         if self.min_objects > self.max_objects:
             raise ValueError("min_objects must be <= max_objects")
-        for key, allowed in (("backgrounds", world.BACKGROUNDS), ("patterns", world.PATTERNS)):
-            unknown = [v for v in getattr(self, key) if v not in allowed]
-            if unknown:
-                raise ValueError(f"{key} {unknown} unknown; use some of: {', '.join(allowed)}")
+        world.check_world(self.backgrounds, self.patterns)
         if self.source == "ingest" and not self.ingest_paths:
             raise ValueError("source 'ingest' needs ingest_paths (folders, .tar or .parquet)")
         return self

@@ -45,9 +45,9 @@ def test_bad_literal_names_allowed_values() -> None:
 def test_world_narrowing_names_unknown_backgrounds_and_patterns() -> None:
     r = load_recipe("tiny", ['data.backgrounds=["cream", "mint"]'])
     assert r.data.backgrounds == ["cream", "mint"]
-    with pytest.raises(ValueError, match=r"backgrounds \['teal'\] unknown; use some of: light"):
+    with pytest.raises(ValueError, match=r"background 'teal' is unknown; use one of: light"):
         load_recipe("tiny", ['data.backgrounds=["teal"]'])
-    with pytest.raises(ValueError, match=r"patterns \['dots'\] unknown"):
+    with pytest.raises(ValueError, match=r"pattern 'dots' is unknown"):
         load_recipe("tiny", ['data.patterns=["dots"]'])
     with pytest.raises(ValueError, match="patterns"):
         load_recipe("tiny", ["data.patterns=[]"])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -324,6 +325,16 @@ def sample_background(rng: random.Random, objects: tuple[Obj, ...],
     return background, rng.choice(patterns)
 
 
+def check_world(backgrounds: Sequence[str], patterns: Sequence[str]) -> None:
+    """Raise a ValueError naming an unknown background or pattern, or an empty choice."""
+    if not backgrounds or not patterns:
+        raise ValueError("the world needs at least one background and one pattern")
+    for name in backgrounds:
+        _check_name(name, tuple(BACKGROUNDS), "background")
+    for name in patterns:
+        _check_name(name, PATTERNS, "pattern")
+
+
 def sample_scene(rng: random.Random, min_objects: int = 1, max_objects: int = MAX_OBJECTS,
                  backgrounds: tuple[str, ...] = tuple(BACKGROUNDS),
                  patterns: tuple[str, ...] = PATTERNS) -> Scene:
@@ -332,12 +343,7 @@ def sample_scene(rng: random.Random, min_objects: int = 1, max_objects: int = MA
     if not 1 <= min_objects <= max_objects <= MAX_OBJECTS:
         raise ValueError(f"object counts {min_objects}..{max_objects} are invalid; need "
                          f"1 <= min_objects <= max_objects <= {MAX_OBJECTS}")
-    for name in backgrounds:
-        _check_name(name, tuple(BACKGROUNDS), "background")
-    for name in patterns:
-        _check_name(name, PATTERNS, "pattern")
-    if not backgrounds or not patterns:
-        raise ValueError("sample_scene needs at least one background and one pattern")
+    check_world(backgrounds, patterns)
     n = rng.randint(min_objects, max_objects)
     specs = [(rng.choice(SHAPES), rng.choice(tuple(COLORS)), s) for s in sample_sizes(rng, n)]
     objects = layout_objects(rng, specs)
