@@ -154,11 +154,17 @@ class VaeSection(Section):
     loss: Literal["l1", "mse"] = "mse"
     token_budget: int | None = Field(None, ge=1, description="tokens per VAE training batch "
                                      "(images x token_px^2 px); default loader.token_budget")
+    crop: int | None = Field(None, ge=1, description="train on random crop x crop windows, one "
+                             "stack a step; none: whole images, one pass per bucket size")
 
     @model_validator(mode="after")
     def _check(self) -> VaeSection:
         if self.source == "pretrained" and not self.path:
             raise ValueError("source 'pretrained' needs path (a local AutoencoderKLFlux2 folder)")
+        if self.crop is not None and self.crop % self.downsample:
+            raise ValueError(f"crop {self.crop} must be a multiple of downsample "
+                             f"{self.downsample}; use "
+                             f"{max(self.downsample, self.crop - self.crop % self.downsample)}")
         return self
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from importlib.metadata import version as installed_version
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,16 @@ from tasks.cache import keyed_by, trained_model
 PYFUNC = Path(__file__).with_name("lens_pyfunc.py")
 CANDIDATE, CHAMPION = "candidate", "champion"
 MODEL_URI_SCHEMES = ("models:/", "runs:/")
+# What loading the pyfunc imports, pinned to what logged it. Given, not inferred: MLflow's
+# inference loads the model in a subprocess, about 20 s of the tiny demo's 15 minutes.
+RUNTIME = ("lens-platform", "mlflow", "torch", "diffusers", "transformers", "safetensors",
+           "pandas", "numpy", "pillow")
+
+
+def requirements() -> list[str]:
+    """The pyfunc's pip requirements: the runtime packages at their installed versions, less
+    any local label (torch's "+cpu"), so a GPU host installs its own build."""
+    return [f"{name}=={installed_version(name).split('+')[0]}" for name in RUNTIME]
 
 
 def signature(recipe: Recipe) -> ModelSignature:
@@ -109,7 +120,8 @@ def register(tree: dict[str, Any], model_dir: str, dvc_hash: str, evaluation: di
                               tags=lineage | {"lens.stage": "register"}) as run:
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(PYFUNC), artifacts={"pipeline": str(pipeline_dir)},
-                signature=signature(recipe), registered_model_name=name)
+                signature=signature(recipe), pip_requirements=requirements(),
+                registered_model_name=name)
             mlflow.log_text(card, "model_card.md")
             mlflow.log_dict(evaluation["scores"], "eval_scores.json")
     version = str(info.registered_model_version)

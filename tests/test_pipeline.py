@@ -64,6 +64,9 @@ def test_tiny_pipeline_trains_and_tracks(prefect_server, dvc_repo: Path, capsys,
         "data", "vae", "pretrain", "evaluate"} and mv.tags["lens.run.vae"] == by_stage["vae"]
     assert mv.tags["lens.prefect_flow_run_id"] and mv.tags["lens.git_commit"]
     assert "Shapes-GenEval" in mv.description
+    reqs = Path(mlflow.pyfunc.get_model_dependencies(f"models:/{out['model']}/{out['version']}"))
+    assert "lens-platform==0.1.0" in reqs.read_text().split()  # pinned, and no "+cpu" label
+    assert "+" not in reqs.read_text()
     # the Prefect artifact: the summary table, linking the MLflow runs
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey

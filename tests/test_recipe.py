@@ -62,6 +62,8 @@ def test_bad_value_and_bad_override_and_unknown_recipe() -> None:
         load_recipe("nope")
     with pytest.raises(RecipeError, match="aspect ratio"):
         load_recipe("tiny", ["buckets.aspect_ratios=[wide]"])
+    with pytest.raises(RecipeError, match="crop 30 must be a multiple of downsample 4; use 28"):
+        load_recipe("tiny", ["vae.crop=30"])
     with pytest.raises(RecipeError, match="pretrain.decay_frac"):
         load_recipe("tiny", ["pretrain.decay_frac=1.5"])
     wsd = load_recipe("tiny", ["pretrain.steps=1500", "pretrain.decay_frac=0.3"])

@@ -12,7 +12,12 @@ from PIL import Image
 
 from lens_model.buckets import Bucket
 from lens_model.data.shapes import make_items
-from lens_model.train.vae_train import evaluate_psnr, reconstruction_grid, train_vae
+from lens_model.train.vae_train import (
+    evaluate_psnr,
+    random_crops,
+    reconstruction_grid,
+    train_vae,
+)
 from lens_model.vae import SemanticVAE, patchify, unpatchify
 
 SIZES = [(24, 48), (40, 24), (64, 64), (96, 48)]  # (H, W)
@@ -146,3 +151,19 @@ def test_training_accepts_mixed_size_lists_and_rejects_empty_sources() -> None:
         train_vae(iter([]), model, steps=1, held_out=torch.zeros(1, 3, 24, 48))
     with pytest.raises(ValueError, match="expected"):
         train_vae([torch.zeros(2, 24, 48)], model, steps=1, held_out=torch.zeros(1, 3, 24, 48))
+
+
+def test_random_crops_stack_mixed_sizes_into_one_batch() -> None:
+    wide, tall = torch.rand(2, 3, 24, 48), torch.rand(1, 3, 40, 24)
+    crops = random_crops([wide, tall], 24, torch.Generator().manual_seed(0))
+    assert len(crops) == 1 and crops[0].shape == (3, 3, 24, 24)
+    # each crop is a window of its own image
+    img, crop = tall[0], crops[0][2]
+    assert any(torch.equal(img[:, top:top + 24], crop) for top in range(17))
+    with pytest.raises(ValueError, match="vae.crop to at most the smallest bucket side, 24"):
+        random_crops([wide], 32, torch.Generator())
+    torch.manual_seed(0)
+    model = SemanticVAE.tiny()
+    metrics = train_vae(lambda: [[*wide, *tall]], model, steps=2, crop=24,
+                        held_out=torch.zeros(1, 3, 24, 48))
+    assert metrics["images_seen"] == 6

@@ -69,6 +69,23 @@ def _batches(source: BatchSource) -> Iterator[list[Tensor]]:
                              "consumed?); pass a list of batches or a loader factory")
 
 
+def random_crops(groups: list[Tensor], size: int, gen: torch.Generator) -> list[Tensor]:
+    """Every image of ``groups`` cropped at random to size x size, as one (B, 3, size, size)
+    stack: a convolutional VAE learns from any window, and one stack is one forward pass,
+    where a mixed-size batch takes one per size (several times slower on a CPU)."""
+    crops = []
+    for g in groups:
+        h, w = g.shape[-2:]
+        if min(h, w) < size:
+            raise ValueError(f"VAE crop {size} is larger than a {h}x{w} training image; set "
+                             f"vae.crop to at most the smallest bucket side, {min(h, w)}")
+        for img in g:
+            top = int(torch.randint(h - size + 1, (1,), generator=gen))
+            left = int(torch.randint(w - size + 1, (1,), generator=gen))
+            crops.append(img[:, top:top + size, left:left + size])
+    return [torch.stack(crops)]
+
+
 def kl_per_element(mean: Tensor, logvar: Tensor) -> Tensor:
     """KL(N(mean, exp(logvar)) || N(0, 1)) averaged over all latent elements."""
     return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
@@ -110,8 +127,11 @@ def _step_loss(vae: SemanticVAE, images: Tensor, kl_weight: float, loss: str,
 def train_vae(images: BatchSource, vae: SemanticVAE, steps: int, lr: float = 1e-3,
               kl_weight: float = 1e-4, log: Callable[[int, dict], None] | None = None, *,
               held_out: Tensor, loss: str = "l1", weight_decay: float = 0.0,
-              grad_clip: float = 1.0, log_every: int = 10, seed: int = 0) -> dict[str, float]:
-    """Train ``vae`` in place for ``steps`` AdamW steps; metrics with held-out PSNR before/after."""
+              grad_clip: float = 1.0, log_every: int = 10, seed: int = 0,
+              crop: int | None = None) -> dict[str, float]:
+    """Train ``vae`` in place for ``steps`` AdamW steps; metrics with held-out PSNR before/after.
+
+    ``crop``: train on random crop x crop windows of the images (see ``random_crops``)."""
     if steps < 1:
         raise ValueError(f"VAE training steps={steps} must be >= 1")
     if loss not in LOSSES:
@@ -128,7 +148,10 @@ def train_vae(images: BatchSource, vae: SemanticVAE, steps: int, lr: float = 1e-
     seen = 0
     stats: dict[str, float] = {}
     for step in range(1, steps + 1):
-        groups = [g.to(device) for g in next(stream)]
+        groups = next(stream)
+        if crop is not None:
+            groups = random_crops(groups, crop, gen)
+        groups = [g.to(device) for g in groups]
         pixels = sum(g[0].numel() * len(g) for g in groups)
         opt.zero_grad(set_to_none=True)
         parts = []
