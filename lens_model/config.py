@@ -41,6 +41,9 @@ class TransformerConfig:
     rope_theta: float = 10000.0
     qk_norm: bool = True
     eps: float = 1e-6
+    # Not in the paper: each sample's mean text token, through a Linear, joins the timestep
+    # embedding that every adaLN reads (SD3 and FLUX add a pooled CLIP vector the same way).
+    pooled_text: bool = False
 
     def __post_init__(self) -> None:
         if self.text_dim is None:

@@ -33,6 +33,7 @@ def param_count(cfg: TransformerConfig, adaln: bool = True) -> int:
     body = full_streams * attn_mlp + _lin(w, 2 * w) + qk // 2  # + last text stream: K, V, K-norm
     embed = _lin(p, w) + (0 if cfg.text_dim == w else _lin(cfg.text_dim, w))
     embed += _lin(TIME_FREQ_DIM, w) + _lin(w, w) + _lin(w, p)
+    embed += _lin(w, w) if cfg.pooled_text else 0
     mods = full_streams * _lin(w, 6 * w) + _lin(w, 2 * w) + _lin(w, 2 * w)  # + last text, final
     return body + embed + (mods if adaln else 0)
 
@@ -48,6 +49,7 @@ def sample_flops(cfg: TransformerConfig, img_tokens: int, txt_tokens: int) -> di
     linear += 2 * n * p * w + 2 * n * w * p  # patch embedding, output projection
     linear += 0 if cfg.text_dim == w else 2 * t * cfg.text_dim * w
     linear += 2 * (TIME_FREQ_DIM * w + w * w)  # timestep MLP, once per sample
+    linear += 2 * (t * w + w * w) if cfg.pooled_text else 0  # text mean (a matmul), Linear
     adaln = 2 * w * (6 * w * (2 * d - 1) + 2 * w + 2 * w)  # per stream, last text, final
     # QK^T and AV over all heads; in the last block only the n image tokens query
     attention = (d - 1) * 4 * (n + t) ** 2 * w + 4 * n * (n + t) * w

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from lens_model.buckets import buckets_for
 from lens_model.data import world
 
 CONFIG_DIR = Path(os.environ.get("LENS_CONFIG_DIR")
@@ -129,6 +130,8 @@ class ModelSection(Section):
     """The backbone: a preset of lens_model/config.py."""
 
     preset: str = Field("tiny", description="tiny | toy | lens-3.8b (lens_model.config)")
+    pooled_text: bool = Field(False, description="add each sample's mean text token to the "
+                              "adaLN input (not in the paper; see lens_model/transformer.py)")
 
 
 class TextEncoderSection(Section):
@@ -271,6 +274,15 @@ class Recipe(Section):
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     gates: GatesSection = Field(default_factory=GatesSection)
+
+    @model_validator(mode="after")
+    def _check(self) -> Recipe:
+        if self.vae.source == "train" and self.vae.crop is not None:
+            side = min(min(b.width, b.height) for b in buckets_for(self.buckets))
+            if self.vae.crop > side:
+                raise ValueError(f"vae.crop {self.vae.crop} is larger than the smallest bucket "
+                                 f"side, {side} px; set vae.crop to at most {side}")
+        return self
 
     def hash(self) -> str:
         """Stable 12-hex hash of the resolved recipe."""

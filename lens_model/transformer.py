@@ -23,6 +23,10 @@ Choices where the paper is silent:
   language encoder's own linear already maps to the width); otherwise one Linear maps it.
 - All linears carry a bias. Weights use Xavier-uniform init, the timestep MLP N(0, 0.02).
 
+An option the paper does not have, off in its presets: ``pooled_text`` adds a Linear of each
+sample's mean text token (after ``txt_in``; masked and padding tokens left out, so an empty
+prompt pools to zero) to the timestep embedding that every adaLN reads.
+
 The packed forward is the trainer's API. It takes several samples per row, told apart by
 segment ids (-1 is padding). A token attends only to tokens of its own segment, and padding
 attends only to itself. Each token is modulated by its segment's timestep. Every sample
@@ -212,6 +216,15 @@ def _per_token(mod: Tensor, index: Tensor | None) -> Tensor:
     return mod.gather(1, index[..., None].expand(-1, -1, mod.shape[-1]))
 
 
+def segment_mean(tokens: Tensor, segment_ids: Tensor, segments: int) -> Tensor:
+    """(B, L, W) tokens, (B, L) segment ids (-1: padding) -> (B, S, W) per-segment means;
+    a segment with no tokens gets 0."""
+    onehot = segment_ids.unsqueeze(-1) == torch.arange(segments, device=segment_ids.device)
+    onehot = onehot.to(tokens.dtype)  # (B, L, S)
+    count = onehot.sum(dim=1).unsqueeze(-1).clamp(min=1)  # (B, S, 1)
+    return onehot.transpose(1, 2) @ tokens / count
+
+
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)), gate and up fused in one matmul."""
 
@@ -307,19 +320,21 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin):
     def __init__(self, depth: int = 4, width: int = 128, heads: int = 4, mlp_hidden: int = 512,
                  in_channels: int = 8, patch_size: int = 2, text_dim: int | None = None,
                  axes_dims: tuple[int, int, int] = (8, 12, 12), rope_theta: float = 10000.0,
-                 qk_norm: bool = True, eps: float = 1e-6) -> None:
+                 qk_norm: bool = True, eps: float = 1e-6, pooled_text: bool = False) -> None:
         super().__init__()
         self.dense_mask = False  # True: packed rows use the dense block-diagonal mask instead
         cfg = TransformerConfig(depth=depth, width=width, heads=heads, mlp_hidden=mlp_hidden,
                                 in_channels=in_channels, patch_size=patch_size,
                                 text_dim=text_dim, axes_dims=tuple(axes_dims),
-                                rope_theta=rope_theta, qk_norm=qk_norm, eps=eps)
+                                rope_theta=rope_theta, qk_norm=qk_norm, eps=eps,
+                                pooled_text=pooled_text)
         self.transformer_config = cfg
         self.gradient_checkpointing = False
         self.img_in = nn.Linear(cfg.patch_dim, width)
         self.txt_in = nn.Identity() if cfg.text_dim == width else nn.Linear(cfg.text_dim, width)
         self.time_mlp = nn.Sequential(nn.Linear(TIME_FREQ_DIM, width), nn.SiLU(),
                                       nn.Linear(width, width))
+        self.text_pool = nn.Linear(width, width) if pooled_text else None
         self.blocks = nn.ModuleList(JointBlock(cfg, last=i == depth - 1) for i in range(depth))
         self.final_mod = nn.Linear(width, 2 * width)
         self.norm_out = nn.RMSNorm(width, eps=eps, elementwise_affine=False)
@@ -359,6 +374,8 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin):
         x = self.img_in(img_tokens)  # (B, Li, W)
         c = self.txt_in(txt_tokens)  # (B, Lt, W)
         temb = self.time_mlp(timestep_embedding(timestep).to(x.dtype))  # (B, S, W)
+        if self.text_pool is not None:
+            temb = temb + self.text_pool(segment_mean(c, txt_segment_ids, timestep.shape[1]))
         temb = F.silu(temb)  # every adaLN linear reads silu(temb)
         segments = torch.cat([img_segment_ids, txt_segment_ids], dim=1)  # (B, L)
         one_segment = timestep.shape[1] == 1

@@ -58,6 +58,7 @@ def test_one_block_tiny_matches_hand_count() -> None:
 @pytest.mark.parametrize("overrides", [
     dict(depth=3),
     dict(depth=2, text_dim=96, qk_norm=False),
+    dict(depth=2, pooled_text=True),
 ])
 def test_matches_torch_flop_counter_on_the_real_module(overrides: dict) -> None:
     torch.manual_seed(0)
@@ -97,7 +98,8 @@ def test_scaling() -> None:
         forward_flops(cfg, [n, n], [t])
 
 
-@pytest.mark.parametrize("overrides", [{}, dict(text_dim=96, qk_norm=False), dict(depth=1)])
+@pytest.mark.parametrize("overrides", [{}, dict(text_dim=96, qk_norm=False), dict(depth=1),
+                                       dict(pooled_text=True)])
 def test_param_count_matches_module(overrides: dict) -> None:
     cfg = get_preset("tiny", **overrides)
     model = LensTransformer2DModel(**cfg.to_dict())

@@ -64,6 +64,10 @@ def test_bad_value_and_bad_override_and_unknown_recipe() -> None:
         load_recipe("tiny", ["buckets.aspect_ratios=[wide]"])
     with pytest.raises(RecipeError, match="crop 30 must be a multiple of downsample 4; use 28"):
         load_recipe("tiny", ["vae.crop=30"])
+    too_big = "vae.crop 32 is larger than the smallest bucket side, 24 px"
+    with pytest.raises(RecipeError, match=too_big):
+        load_recipe("tiny", ["vae.crop=32"])  # 40x24 at 32^2 and 16:9
+    assert load_recipe("tiny", ["vae.crop=24"]).vae.crop == 24
     with pytest.raises(RecipeError, match="pretrain.decay_frac"):
         load_recipe("tiny", ["pretrain.decay_frac=1.5"])
     wsd = load_recipe("tiny", ["pretrain.steps=1500", "pretrain.decay_frac=0.3"])

@@ -83,8 +83,9 @@ def _packed_rows(samples: list) -> tuple[list, tuple[torch.Tensor, ...]]:
     return seqs, batch
 
 
-def test_packed_forward_equals_per_sample_and_needs_the_mask() -> None:
-    model = _model()
+@pytest.mark.parametrize("pooled", [False, True])
+def test_packed_forward_equals_per_sample_and_needs_the_mask(pooled: bool) -> None:
+    model = _model(pooled_text=pooled)
     samples = _samples()
     seqs, batch = _packed_rows(samples)
     with torch.no_grad():
@@ -123,8 +124,9 @@ def test_each_segment_is_modulated_by_its_own_timestep() -> None:
     torch.testing.assert_close(got0, ref0, atol=1e-5, rtol=0)
 
 
-def test_text_padding_is_ignored() -> None:
-    model = _model()
+@pytest.mark.parametrize("pooled", [False, True])
+def test_text_padding_is_ignored(pooled: bool) -> None:
+    model = _model(pooled_text=pooled)
     latents, text, mask, t = _inputs(model, text_len=6)
     mask[0, 4:] = False  # right padding
     mask[1, :2] = False  # left padding: text positions count real tokens only
@@ -187,16 +189,18 @@ def test_output_is_zero_at_init_and_moves_after_one_step() -> None:
         assert model.forward_unpacked(latents, text, mask, t).abs().min() > 0
 
 
-def test_every_parameter_gets_a_gradient() -> None:
-    model = _model().train()
+@pytest.mark.parametrize("pooled", [False, True])
+def test_every_parameter_gets_a_gradient(pooled: bool) -> None:
+    model = _model(pooled_text=pooled).train()
     latents, text, mask, t = _inputs(model)
     model.forward_unpacked(latents, text, mask, t).square().mean().backward()
     dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
     assert dead == []
 
 
-def test_save_load_round_trip(tmp_path) -> None:
-    model = _model()
+@pytest.mark.parametrize("pooled", [False, True])
+def test_save_load_round_trip(tmp_path, pooled: bool) -> None:
+    model = _model(pooled_text=pooled)
     model.save_pretrained(tmp_path)
     assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
     loaded = LensTransformer2DModel.from_pretrained(tmp_path).eval()

@@ -287,12 +287,12 @@ def main(argv: list[str] | None = None) -> int:
     if vae.token_px != recipe.buckets.token_px:
         raise ValueError(f"the VAE gives {vae.token_px} px per token but buckets.token_px is "
                          f"{recipe.buckets.token_px}; make them agree in the recipe")
-    cfg = get_preset(recipe.model.preset, in_channels=vae.latent_channels)
+    cfg = get_preset(recipe.model.preset, in_channels=vae.latent_channels,
+                     pooled_text=recipe.model.pooled_text)
     torch.manual_seed(recipe.seed)  # the same initial weights on every rank and every rerun
     encoder = LanguageEncoder.from_spec(te.path, list(te.layers), cfg.text_dim or cfg.width,
                                         te.max_length)
-    transformer = LensTransformer2DModel.from_preset(recipe.model.preset,
-                                                     in_channels=vae.latent_channels)
+    transformer = LensTransformer2DModel(**cfg.to_dict())
     denoiser = LensDenoiser(transformer, encoder.connector)
 
     features = None
