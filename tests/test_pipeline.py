@@ -41,6 +41,8 @@ def test_tiny_pipeline_trains_and_tracks(prefect_server, dvc_repo: Path, capsys,
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     model = Path(out["model_dir"])
     assert (model / "transformer" / "diffusion_pytorch_model.safetensors").exists()
+    config = json.loads((model / "transformer" / "config.json").read_text())
+    assert config["pooled_text"] is True  # the tiny recipe's model.pooled_text reached the model
     assert (model / "connector.safetensors").exists()
     assert json.loads((model / "lens.json").read_text())["step"] == 6
 
