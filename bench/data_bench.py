@@ -27,6 +27,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lens import defaults  # noqa: E402
+from lens_model import atomic  # noqa: E402
 
 defaults.apply()
 
@@ -217,8 +218,7 @@ def main() -> None:
         results["mapped_validation"] = bench_mapped_validation(8, args.rows // 8, work / "map")
         results["loader"] = bench_loader(work / "loader")
     print(json.dumps(results, indent=2))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    atomic.write_text(args.out, json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lens_model import atomic  # noqa: E402
 from lens_model.config import TransformerConfig, get_preset  # noqa: E402
 from lens_model.flops import forward_flops, memory_bytes, param_count  # noqa: E402
 from lens_model.flow_matching import add_noise, velocity_loss  # noqa: E402
@@ -299,8 +300,7 @@ def write_json(results: dict[str, Any], out: str | Path) -> None:
     """Print the results and write them to ``out`` (parents created)."""
     text = json.dumps(results, indent=2)
     print(text)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(text + "\n")
+    atomic.write_text(out, text + "\n")
 
 
 def main() -> None:

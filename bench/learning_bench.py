@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     sys.path.insert(0, str(REPO))
     from lens import defaults
+    from lens_model import atomic
 
     defaults.apply()
     from flows.pipeline import run
@@ -89,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {"benchmark": "learning_bench", "recipe": args.recipe, "recipe_hash": recipe.hash(),
            "overrides": args.overrides, "eval_hash": protocol.hash(), "points": points,
            "pipeline_s": pipeline_s, "run_dir": str(run_dir), "cpus": os.cpu_count()}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2, default=float) + "\n")
+    atomic.write_text(args.out, json.dumps(out, indent=2, default=float) + "\n")
     print(f"{len(points)} points -> {args.out}")
     return 0
 

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lens import defaults  # noqa: E402
+from lens_model import atomic  # noqa: E402
 
 defaults.apply()
 
@@ -268,8 +269,7 @@ def main() -> None:
                     args.grid, args.budget, args.text_tokens)
     text = json.dumps(results, indent=2)
     print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text + "\n")
+    atomic.write_text(args.out, text + "\n")
 
 
 if __name__ == "__main__":

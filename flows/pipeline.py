@@ -2,12 +2,15 @@
 -> promote, under one MLflow parent run whose child runs are the stages.
 
     lens run tiny                      # what `make run` runs
-    lens run lens-3.8b --set launch.nproc_per_node=8
+    lens run lens-3.8b --set launch.nnodes=1 --set launch.nproc_per_node=8   # one 8-GPU node
+
+A recipe of several nodes trains through a rendered cluster job (`lens train render`).
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +23,10 @@ from tasks import release
 from tasks.evaluate import evaluate_stage
 from tasks.pretrain import pretrain
 from tasks.registry import register
-from tasks.report import pipeline_report
+from tasks.report import failure_report, pipeline_report
 from tasks.vae import vae_dir, vae_stage
+
+STAGES = ("data", "vae", "pretrain", "evaluate", "register", "promote")
 
 
 @flow(name="lens-pipeline", version="1", log_prints=True)
@@ -69,8 +74,14 @@ def pipeline_flow(recipe: str = "tiny", overrides: list[str] | None = None,
                                          reason=f"pipeline run of recipe {rec.name}")
         lap("promote")
         compute["promote"] = 0.0
-    except BaseException:
+    except BaseException as error:
         data_tasks.close_parent(parent, {}, "FAILED")
+        if isinstance(error, Exception):  # not on Ctrl-C: that stops at once
+            failed = next((s for s in STAGES if s not in stages), "report")
+            first = (str(error).strip().splitlines() or [""])[0]
+            with suppress(Exception):  # the report must not hide the error it reports
+                failure_report(rec.name, parent, dict(stages), failed,
+                               f"{type(error).__name__}: {first}")
         raise
     summary = {"dvc_hash": data["dvc_hash"], "vae_dir": vae,
                "model_dir": trained.get("model_dir", ""), "pretrain_run_id": trained["run_id"],

@@ -269,6 +269,7 @@ def cmd_model_info(args: argparse.Namespace) -> int:
 def cmd_train_render(args: argparse.Namespace) -> int:
     import yaml
 
+    from lens_model import atomic
     from lens_model.recipe import load_recipe
     from lens_model.train.launch import render
 
@@ -280,7 +281,7 @@ def cmd_train_render(args: argparse.Namespace) -> int:
     params = {"name": name, "nnodes": launch.nnodes, "nproc_per_node": launch.nproc_per_node,
               "master_port": launch.master_port, "script": "lens_model/train/pretrain.py",
               "args": ["--params", f"{run}/recipe.yaml", "--dataset", args.dataset,
-                       "--vae", vae, "--run", run]}
+                       "--vae", vae, "--run-dir", run]}
     if args.target == "k8s":
         params |= {"image": launch.image, "mount_path": args.mount, "pvc": args.pvc}
     text = render(args.target, **params)
@@ -288,9 +289,9 @@ def cmd_train_render(args: argparse.Namespace) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         suffix = "yaml" if args.target == "k8s" else "sbatch"
-        (out / f"{name}.{suffix}").write_text(text)
-        (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"),
-                                                        sort_keys=False))
+        atomic.write_text(out / f"{name}.{suffix}", text)
+        atomic.write_text(out / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"),
+                                                              sort_keys=False))
         print(f"wrote {out / f'{name}.{suffix}'} and {out / 'recipe.yaml'}; copy the recipe "
               f"to {run}/recipe.yaml on the shared volume before submitting")
     else:
@@ -305,6 +306,7 @@ def _slug(prompt: str, limit: int = 48) -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from lens_model import atomic
     from lens_model.pipeline import check_aspect, load_pipeline, parse_size
     from tasks.registry import local_model
 
@@ -328,7 +330,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         flags.update(result.flags)
         for i, (prompt, image) in enumerate(zip(chunk, result.images, strict=True), start):
             path = out / f"{i:02d}-{_slug(prompt)}.png"
-            image.save(path)
+            atomic.write_with(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
             paths.append(str(path))
     for flag in flags.values():
         print(f"warning: {flag}", file=sys.stderr)

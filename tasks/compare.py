@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 
 import mlflow
 from lens.secrets import redact
+from lens_model import atomic
 from lens_model.eval.geneval import EvalProtocol, pipeline_generator
 from lens_model.pipeline import load_pipeline
 from tasks.registry import local_model
@@ -123,8 +124,7 @@ def side_by_side_grid(sides: dict[str, str], protocol: EvalProtocol, out: Path,
             grid.paste(image.resize((w, h), Image.Resampling.NEAREST), (label_w + i * w, r * h))
     for i in range(len(picked)):
         draw.text((label_w + i * w + 2, 2 * h + 1), str(i), fill=(0, 0, 0))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(out)
+    atomic.write_with(out, lambda tmp: grid.save(tmp, format="PNG"))
     legend = [f"{i}: {p} (seed {s})" for i, (p, s) in enumerate(zip(picked, seeds, strict=True))]
-    out.with_suffix(".txt").write_text("\n".join(legend) + "\n")
+    atomic.write_text(out.with_suffix(".txt"), "\n".join(legend) + "\n")
     return out

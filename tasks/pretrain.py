@@ -45,6 +45,11 @@ def command(recipe: Recipe, args: list[str]) -> list[str]:
                         script=PROGRAM, args=args)
 
 
+def launch_env(recipe: Recipe) -> dict[str, str]:
+    """DeepSpeed's accelerator is the recipe's device, whatever the shell's default says."""
+    return {"DS_ACCELERATOR": recipe.launch.device}
+
+
 def _finished(run_dir: Path, steps: int) -> dict[str, Any] | None:
     """The trainer's final event, if the run's last event says it finished all ``steps``."""
     events = run_dir / "events.jsonl"
@@ -81,7 +86,8 @@ def pretrain_task(tree: dict[str, Any], dataset: str, vae: str, dvc_hash: str,
     run_dir = defaults.lens_home() / "runs" / job
     params = run_dir / "recipe.yaml"
     atomic.write_text(params, yaml.safe_dump(tree, sort_keys=False))
-    args = ["--params", str(params), "--dataset", dataset, "--vae", vae, "--run", str(run_dir)]
+    args = ["--params", str(params), "--dataset", dataset, "--vae", vae,
+            "--run-dir", str(run_dir)]
     exp = tracking.experiment(recipe.tracking.experiment)
     tags = tracking.lineage(recipe, dvc_hash, parent_run_id) | {"lens.stage": "pretrain",
                                                                "lens.job": job}
@@ -118,7 +124,8 @@ def pretrain_task(tree: dict[str, Any], dataset: str, vae: str, dvc_hash: str,
                 final.update(event["final"])
 
         started = time.perf_counter()
-        run_streaming(command(recipe, args), run_dir, on_event, logger.info)
+        run_streaming(command(recipe, args), run_dir, on_event, logger.info,
+                      env=launch_env(recipe))
         compute_s = time.perf_counter() - started  # the trainer's lifetime; streaming overlaps
         mlflow.set_tags({"lens.model_dir": final.get("model_dir", "")})
         return {"run_id": run.info.run_id, "job": job, "run_dir": str(run_dir),

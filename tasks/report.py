@@ -44,3 +44,23 @@ Parent MLflow run {run_link(result['parent_run_id'])}; model `{result['model']}`
 """
     return str(create_markdown_artifact(key=f"lens-pipeline-{recipe}", markdown=markdown,
                                         description=f"pipeline run of recipe {recipe}"))
+
+
+@task(name="pipeline-failure-report")
+def failure_report(recipe: str, parent_run_id: str, stages: dict[str, float], failed: str,
+                   error: str) -> str:
+    """What a failed run got done, where it stopped and why (``error``: the exception's type
+    and first line): the same key as the summary, so its latest version says the last run
+    failed."""
+    rows = "\n".join(f"| {stage} | {seconds:.1f} | done |" for stage, seconds in stages.items())
+    markdown = f"""# Lens pipeline: `{recipe}` FAILED at `{failed}`
+
+Parent MLflow run {run_link(parent_run_id)} (status FAILED).
+
+| stage | seconds | state |
+|---|---|---|
+{rows}
+| {failed} | | **failed**: {error[:300]} |
+"""
+    return str(create_markdown_artifact(key=f"lens-pipeline-{recipe}", markdown=markdown,
+                                        description=f"failed pipeline run of recipe {recipe}"))

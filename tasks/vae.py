@@ -12,6 +12,7 @@ from prefect import get_run_logger, task
 
 import mlflow
 from lens import defaults
+from lens_model import atomic
 from lens_model.buckets import buckets_for
 from lens_model.data.loader import PackedLoader
 from lens_model.recipe import Recipe
@@ -76,7 +77,8 @@ def vae_stage(tree: dict[str, Any], dataset: str, dvc_hash: str,
         mlflow.log_metrics({"vae/psnr": metrics["psnr"], "vae/psnr_before":
                             metrics["psnr_before"], "vae/seconds": metrics["seconds"]})
         mlflow.log_image(reconstruction_grid(vae, held_out), "vae/reconstructions.png")
-        vae.save_pretrained(out)
+        with atomic.atomic_dir(out) as tmp:  # a killed stage leaves no half-written VAE
+            vae.save_pretrained(tmp)
         mlflow.set_tag("lens.vae_dir", str(out))
     logger.info(f"VAE: PSNR {metrics['psnr_before']:.2f} -> {metrics['psnr']:.2f} dB, {out}")
     return {"dir": str(out), "compute_s": metrics["seconds"], "run_id": run.info.run_id}

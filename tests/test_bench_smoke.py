@@ -124,6 +124,10 @@ def test_pipeline_bench_splits_wall_time_into_compute_and_overhead(tmp_path: Pat
     assert set(first["stages_compute_s"]) == {"data", "vae", "pretrain", "evaluate", "register",
                                               "promote"}
     assert 0 < first["compute_s"] < first["wall_s"] and 0 < got["overhead_fraction"] < 1
+    split = first["overhead_split_s"]
+    assert split["dvc_s"] > 0 and split["mlflow_s"] > 0  # dvc commit + push; runs, models
+    assert sum(split.values()) == pytest.approx(first["overhead_s"])
+    assert first["mlflow_during_training_s"] > 0  # the losses streamed while it trained
     # the rerun's cached stages did no work of their own
     assert rerun["stages_compute_s"]["vae"] == rerun["stages_compute_s"]["evaluate"] == 0
     assert rerun["version"] == first["version"]

@@ -186,6 +186,9 @@ def test_pretraining_is_tagged_with_its_gpu_type(prefect_server, monkeypatch) ->
     assert pretrain_mod.gpu_tags(load_recipe("tiny")) == set()  # a CPU run takes no GPU slot
     h100 = load_recipe("toy", ["launch.gpu_type=H100"])
     assert pretrain_mod.gpu_tags(h100) == {"h100"}
+    # the trainer's accelerator follows the recipe, not the shell's DS_ACCELERATOR=cpu
+    assert pretrain_mod.launch_env(h100) == {"DS_ACCELERATOR": "cuda"}
+    assert pretrain_mod.launch_env(load_recipe("tiny")) == {"DS_ACCELERATOR": "cpu"}
 
     @task(name="pretrain")
     def body(tree: dict, *args: object) -> list[str]:

@@ -34,7 +34,8 @@ print(Image.open(io.BytesIO(out["image"][0])).size)
 
 
 def test_tiny_pipeline_trains_and_tracks(prefect_server, dvc_repo: Path, capsys,
-                                        tmp_path: Path) -> None:
+                                        tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # the test trains briefly
     args = ["run", "tiny", "--repo", str(dvc_repo), "--json",
             *sum((["--set", s] for s in SHORT), [])]
     assert cli.main(args) == 0
@@ -88,13 +89,17 @@ def test_tiny_pipeline_trains_and_tracks(prefect_server, dvc_repo: Path, capsys,
     losses = client.get_metric_history(pre.info.run_id, "train/loss")
     assert [m.step for m in losses] == [2, 3, 4, 6]  # every log_every and sample step
     assert pre.data.metrics["compute/flops_total"] > 0
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(
+        pre.data.metrics)  # psutil's system metrics, sampled while the trainer ran
     assert pre.data.tags["lens.dvc_hash"] == out["dvc_hash"]
     arts = {a.path for a in client.list_artifacts(pre.info.run_id, "samples")}
     assert arts == {"samples/step-00000003.png", "samples/step-00000006.png"}
     vae = [r for r in children if r.data.tags["lens.stage"] == "vae"][0]
     assert vae.data.metrics["vae/psnr"] > 0 and 0 <= ev.data.metrics["ceiling/overall"] <= 1
 
-    run_dir = Path(pre.data.tags["lens.last_checkpoint"]).parent.parent
+    last_ckpt = Path(pre.data.tags["lens.last_checkpoint"])  # tagged once written whole
+    assert last_ckpt.name == "step-00000006" and (last_ckpt / "meta.json").is_file()
+    run_dir = last_ckpt.parent.parent
     events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
     assert events[-1]["final"]["steps"] == 6
     recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
@@ -122,10 +127,37 @@ def test_tiny_pipeline_trains_and_tracks(prefect_server, dvc_repo: Path, capsys,
     assert cmp["protocol"]["prompts_per_category"] == 2  # the grid used the runs' own protocol
     flows = cmp["lineage"]["lens.prefect_flow_run_id"]
     assert flows[0] != flows[1] and Path(cmp["grid"]).is_file()
+    assert Path(cmp["grid"]).with_suffix(".txt").is_file()  # the legend: prompt and seed
+    for bad, says in ((f"{again['model']}/99", "has no version '99'"),
+                      ("0123456789abcdef", "no MLflow run '0123456789abcdef'")):
+        assert cli.main(["compare", again["parent_run_id"], bad]) == 2
+        assert says in capsys.readouterr().err
     after = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
     assert after == events  # the finished trainer was not launched again
     history = client.get_metric_history(pre.info.run_id, "train/loss")
     assert [m.step for m in history] == [2, 3, 4, 6]
+
+
+def test_a_failed_run_reports_where_it_stopped(prefect_server, dvc_repo: Path, capsys) -> None:
+    """A contract failure in the data stage: exit 1, the parent run FAILED, and the Prefect
+    artifact names the stage and the error."""
+    args = ["run", "tiny", "--repo", str(dvc_repo), *sum((["--set", s] for s in SHORT), []),
+            "--set", "data.contract.min_area=100000", "--set", "tracking.experiment=lens-fail"]
+    assert cli.main(args) == 1
+    assert "rejection_rate" in capsys.readouterr().err
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as prefect:
+        arts = prefect.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["lens-pipeline-tiny"])))
+    failed = [a.data for a in arts if "FAILED at `data`" in a.data]
+    assert len(failed) == 1 and "ContractFailed" in failed[0] and "rejection_rate" in failed[0]
+    exp = mlflow.get_experiment_by_name("lens-fail")
+    parents = mlflow.search_runs([exp.experiment_id], "tags.`lens.stage` = 'pipeline'",
+                                 output_format="list")
+    assert [r.info.status for r in parents] == ["FAILED"]
+    assert f"/runs/{parents[0].info.run_id})" in failed[0]
 
 
 @pytest.mark.slow

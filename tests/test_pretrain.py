@@ -1,10 +1,20 @@
 """The pretraining program's pieces on real tiny components: cached and online features give
-the same loss; the feature cache is built once."""
+the same loss; the feature cache is built once; the whole program, on 1 and 2 processes,
+resumes exactly from a checkpoint."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
+from safetensors.torch import load_file
 
 from lens_model.buckets import buckets_for
 from lens_model.config import get_preset
@@ -13,6 +23,7 @@ from lens_model.denoiser import LensDenoiser
 from lens_model.features import FeatureCache
 from lens_model.recipe import load_recipe
 from lens_model.text_encoder import LanguageEncoder
+from lens_model.train.launch import torchrun_cmd
 from lens_model.train.pretrain import (
     GRID_PROMPTS,
     LossFn,
@@ -23,10 +34,12 @@ from lens_model.train.pretrain import (
 from lens_model.transformer import LensTransformer2DModel
 from lens_model.vae import SemanticVAE
 from tasks import dataset
+from tests.conftest import REPO, free_port
 
 # long and short captions mixed (the small recipe's 0.9), so both feature paths are read
-RECIPE = load_recipe("tiny", ["data.num_samples=32", "data.samples_per_shard=16",
-                              "pretrain.short_caption_prob=0.9"])
+RECIPE_OVERRIDES = ["data.num_samples=32", "data.samples_per_shard=16",
+                    "pretrain.short_caption_prob=0.9"]
+RECIPE = load_recipe("tiny", RECIPE_OVERRIDES)
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +139,76 @@ def test_sample_grid_of_a_bf16_model_under_autocast(parts) -> None:
     with torch.autocast("cpu", torch.bfloat16):
         grid = sample_grid(half, encoder, vae, RECIPE, 32)
     assert grid.size == (32 * GRID_PROMPTS, 64)
+
+
+# --- the whole program: N steps straight == resumed from the checkpoint at N/2 ---------------
+
+def _program(parts, run: Path, nproc: int, *overrides: str) -> subprocess.CompletedProcess:
+    """Run lens_model/train/pretrain.py for 4 steps on the fixture's data, on the CPU."""
+    root, vae = parts[0], parts[1]
+    vae_dir = root / "vae"
+    if not vae_dir.exists():
+        vae.save_pretrained(vae_dir)
+    recipe = load_recipe("tiny", [*RECIPE_OVERRIDES, "pretrain.steps=4", "pretrain.ckpt_every=2",
+                                  "pretrain.keep_last=3", "pretrain.sample_every=4",
+                                  "pretrain.log_every=1", "pretrain.warmup_steps=1",
+                                  "pretrain.decay_frac=0.5", "loader.token_budget=128",
+                                  f"launch.nproc_per_node={nproc}",
+                                  *overrides])
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
+    args = ["--params", str(run / "recipe.yaml"), "--dataset", str(root / "data"),
+            "--vae", str(vae_dir), "--run-dir", str(run), "--features", str(root / "features")]
+    program = REPO / "lens_model" / "train" / "pretrain.py"
+    cmd = ([sys.executable, str(program), *args] if nproc == 1 else
+           torchrun_cmd(nproc, script=program, args=args, master_port=free_port()))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+                               "DS_ACCELERATOR": "cpu"})
+
+
+def _events(parts, run: Path, nproc: int) -> list[dict]:
+    proc = _program(parts, run, nproc)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    final = run / "final"
+    return {**load_file(final / "transformer" / "diffusion_pytorch_model.safetensors"),
+            **{f"connector.{k}": v for k, v in load_file(final / "connector.safetensors").items()}}
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_the_program_resumed_at_half_matches_the_straight_run(parts, tmp_path, nproc) -> None:
+    """A kill right after the step-2 checkpoint leaves exactly that checkpoint: the program
+    started on it must end where the straight run ended (EMA weights, losses, ledger)."""
+    straight = _events(parts, tmp_path / "straight", nproc)
+    ckpts = tmp_path / "straight" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000002", "step-00000004"]
+    shutil.copytree(ckpts / "step-00000002", tmp_path / "resumed" / "checkpoints" / "step-00000002")
+    resumed = _events(parts, tmp_path / "resumed", nproc)
+    assert resumed[0]["resumed_from"].endswith("step-00000002")
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+    def metrics(events: list[dict], step: int) -> dict:
+        return [e["metrics"] for e in events if e.get("step") == step and "train/loss"
+                in e.get("metrics", {})][-1]
+
+    for step in (3, 4):  # the same batches, noise and timesteps after the resume
+        assert metrics(resumed, step)["train/loss"] == pytest.approx(
+            metrics(straight, step)["train/loss"], abs=1e-6)
+    for key in ("compute/flops_total", "compute/images_total", "compute/steps"):
+        assert metrics(resumed, 4)[key] == metrics(straight, 4)[key]  # checkpointed totals
+    checkpoints = [e["checkpoint"] for e in straight if "checkpoint" in e]
+    assert checkpoints == ["checkpoints/step-00000002", "checkpoints/step-00000004"]
+
+
+def test_the_program_refuses_a_device_the_accelerator_is_not(parts, tmp_path) -> None:
+    proc = _program(parts, tmp_path / "run", 1, "launch.device=cuda")
+    assert proc.returncode != 0
+    assert "launch.device is 'cuda' but DeepSpeed's accelerator is 'cpu'" in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()

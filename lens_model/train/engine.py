@@ -50,6 +50,7 @@ from lens_model.train.ema import EMA
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 OnStep = Callable[[int, dict[str, float]], None]
+OnSave = Callable[[int, Path], None]
 _END = object()  # what next() returns once the batch iterator is exhausted
 _DIST_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")
 
@@ -333,14 +334,16 @@ class Trainer:
                             f"{type(loss).__name__} {getattr(loss, 'shape', '')}")
         return loss
 
-    def fit(self, batches: Iterable[Any], steps: int, on_step: OnStep | None = None) -> int:
+    def fit(self, batches: Iterable[Any], steps: int, on_step: OnStep | None = None,
+            on_save: OnSave | None = None) -> int:
         """Train until ``steps`` optimizer steps in total (resumed ones count); returns the step.
 
         Each step takes ``gradient_accumulation_steps`` batches. ``on_step(step, metrics)``
         runs on every rank after each step; metrics hold the loss averaged over ranks and
         micro-batches, the LR used, the step time and the grad norm when DeepSpeed reports it
         (ZeRO 1-3 and bf16 do). With ``ckpt_dir`` set, a checkpoint is written every
-        ``ckpt_every`` steps and once more at the end if the last step was not saved.
+        ``ckpt_every`` steps and once more at the end if the last step was not saved;
+        ``on_save(step, path)`` runs on every rank once each is complete on disk.
         """
         if steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
@@ -378,8 +381,13 @@ class Trainer:
             if on_step is not None:
                 on_step(self.step, metrics)
             if cfg.ckpt_dir is not None and self.step % cfg.ckpt_every == 0:
-                self.save(batches)
+                self._save_and_tell(batches, on_save)
         if cfg.ckpt_dir is not None and self.step > 0 and self._saved_step != self.step:
-            self.save(batches)
+            self._save_and_tell(batches, on_save)
         return self.step
+
+    def _save_and_tell(self, batches: Any, on_save: OnSave | None) -> None:
+        path = self.save(batches)
+        if on_save is not None:
+            on_save(self.step, path)
 

@@ -2,7 +2,7 @@
 
 The same program runs the tiny recipe on one CPU and the paper's recipe on GPU nodes::
 
-    python lens_model/train/pretrain.py --params RUN/recipe.yaml --dataset DATA --vae VAE --run RUN
+    python lens_model/train/pretrain.py --params RUN/recipe.yaml --dataset D --vae V --run-dir RUN
     python -m torch.distributed.run --nproc_per_node 8 lens_model/train/pretrain.py ...  # a node
     python -m torch.distributed.run --nnodes 16 --node_rank R --nproc_per_node 8 \\
         --master_addr HOST --master_port 29500 lens_model/train/pretrain.py ...          # cluster
@@ -20,7 +20,6 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -252,19 +251,15 @@ def save_final(run: Path, denoiser: LensDenoiser, recipe: Recipe, vae_dir: str,
     """The EMA model as a folder ``run/name``: transformer (diffusers), connector
     (safetensors), lens.json; written beside it, then moved into place."""
     final = run / name
-    tmp = run / f".{name.replace('/', '-')}.tmp"
-    denoiser.transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
-    save_file({k: v.contiguous() for k, v in denoiser.connector.state_dict().items()},
-              str(tmp / "connector.safetensors"))
-    atomic.write_json(tmp / "lens.json", {
-        "recipe": recipe.name, "recipe_hash": recipe.hash(), "step": step, "vae": vae_dir,
-        "text_encoder": recipe.text_encoder.model_dump(mode="json"),
-        "mu_rule": recipe.pretrain.mu_rule(),
-        "trained_areas": sorted({b.width * b.height for b in buckets_for(recipe.buckets)})})
-    if final.exists():
-        shutil.rmtree(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, final)
+    with atomic.atomic_dir(final) as tmp:
+        denoiser.transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
+        save_file({k: v.contiguous() for k, v in denoiser.connector.state_dict().items()},
+                  str(tmp / "connector.safetensors"))
+        atomic.write_json(tmp / "lens.json", {
+            "recipe": recipe.name, "recipe_hash": recipe.hash(), "step": step, "vae": vae_dir,
+            "text_encoder": recipe.text_encoder.model_dump(mode="json"),
+            "mu_rule": recipe.pretrain.mu_rule(),
+            "trained_areas": sorted({b.width * b.height for b in buckets_for(recipe.buckets)})})
     return final
 
 
@@ -273,10 +268,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", required=True, help="the resolved recipe (YAML)")
     ap.add_argument("--dataset", required=True, help="dataset dir with manifest.parquet")
     ap.add_argument("--vae", required=True, help="SemanticVAE folder")
-    ap.add_argument("--run", required=True, help="run dir: checkpoints, events, final model")
+    # not --run: torchrun's parser takes it for an ambiguous prefix of its own --run-path
+    ap.add_argument("--run-dir", dest="run", required=True,
+                    help="run dir: checkpoints, events, final model")
     ap.add_argument("--features", default=None, help="feature cache root (default RUN/..)")
     args = ap.parse_args(argv)
     recipe, run, dataset = read_recipe(args.params), Path(args.run), Path(args.dataset)
+    from deepspeed.accelerator import get_accelerator
+
+    if (accel := get_accelerator().device_name()) != recipe.launch.device:
+        raise SystemExit(f"launch.device is {recipe.launch.device!r} but DeepSpeed's accelerator "
+                         f"is {accel!r}; set DS_ACCELERATOR={recipe.launch.device} (the pretrain "
+                         f"task does) or change launch.device in the recipe")
     run.mkdir(parents=True, exist_ok=True)
     # The cores split over the local ranks, unless OMP_NUM_THREADS says otherwise (shared hosts).
     omp = os.environ.get("OMP_NUM_THREADS", "")
@@ -352,8 +355,6 @@ def main(argv: list[str] | None = None) -> int:
                                             **ledger.metrics()})
         if step % p.sample_every == 0 or step == p.steps:
             _sample(step)
-        if step % p.ckpt_every == 0:
-            events.emit(step=step, checkpoint=f"checkpoints/step-{step:08d}")
 
     def _sample(step: int) -> None:
         if trainer.rank != 0:
@@ -369,8 +370,11 @@ def main(argv: list[str] | None = None) -> int:
         atomic.write_with(run / rel, lambda tmp: grid.save(tmp, format="PNG"))
         events.emit(step=step, artifact=rel)
 
+    def on_save(step: int, path: Path) -> None:  # only once the checkpoint is whole on disk
+        events.emit(step=step, checkpoint=str(path.relative_to(run)))
+
     start = time.perf_counter()
-    step = trainer.fit(loader, p.steps, on_step)
+    step = trainer.fit(loader, p.steps, on_step, on_save)
     if trainer.rank == 0:
         with trainer.ema.swap(trainer.module) if trainer.ema else nullcontext():
             final = save_final(run, trainer.module, recipe, args.vae, step)
