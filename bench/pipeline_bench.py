@@ -64,6 +64,9 @@ class CallTimer:
         self._local = threading.local()
         self._lock = threading.Lock()
 
+    def reset(self) -> None:
+        self.seconds = {k: 0.0 for k in self.seconds}
+
     def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
             if getattr(self._local, "depth", 0):
@@ -129,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     mlflow_t, dvc_t = _instrument()
     runs = []
     for label in ("first", "rerun"):
-        mlflow_t.seconds = {k: 0.0 for k in mlflow_t.seconds}
-        dvc_t.seconds = {k: 0.0 for k in dvc_t.seconds}
+        mlflow_t.reset()
+        dvc_t.reset()
         start = time.perf_counter()
         result = run("tiny", args.overrides, str(work / "repo"))
         wall = time.perf_counter() - start

@@ -286,8 +286,7 @@ def cmd_train_render(args: argparse.Namespace) -> int:
         params |= {"image": launch.image, "mount_path": args.mount, "pvc": args.pvc}
     text = render(args.target, **params)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+        out = Path(args.out)  # atomic writes create it
         suffix = "yaml" if args.target == "k8s" else "sbatch"
         atomic.write_text(out / f"{name}.{suffix}", text)
         atomic.write_text(out / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"),

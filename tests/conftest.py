@@ -88,6 +88,14 @@ def _log_handlers_on_a_live_stream() -> Iterator[None]:
             console.file = sys.__stderr__
 
 
+def trainer_env() -> dict[str, str]:
+    """The environment for a training process this test starts: DeepSpeed on the CPU, one
+    thread, and none of the pytest process's own distributed settings."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    return {**env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as sock:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from lens_model.train.engine import (
     lr_multiplier,
 )
 from lens_model.train.launch import torchrun_cmd
-from tests.conftest import free_port
+from tests.conftest import free_port, trainer_env
 from tests.ds_worker import RandomBatches, TinyNet, config, final_state, mse_loss, run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -315,17 +314,11 @@ def test_fit_refuses_unresumable_or_short_batch_sources(tmp_path: Path) -> None:
 
 # --- two processes (torchrun) and two simulated nodes ---------------------------------------
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    return {**env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-
-
 def _torchrun(*worker_args: str, nproc: int = 2, nnodes: int = 1, node_rank: int = 0,
               port: int | None = None) -> subprocess.Popen:
     cmd = torchrun_cmd(nproc, nnodes, node_rank, "127.0.0.1", port or free_port(), WORKER,
                        worker_args)
-    return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+    return subprocess.Popen(cmd, cwd=REPO, env=trainer_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 

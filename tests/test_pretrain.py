@@ -5,7 +5,6 @@ resumes exactly from a checkpoint."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -34,7 +33,7 @@ from lens_model.train.pretrain import (
 from lens_model.transformer import LensTransformer2DModel
 from lens_model.vae import SemanticVAE
 from tasks import dataset
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, trainer_env
 
 # long and short captions mixed (the small recipe's 0.9), so both feature paths are read
 RECIPE_OVERRIDES = ["data.num_samples=32", "data.samples_per_shard=16",
@@ -162,10 +161,8 @@ def _program(parts, run: Path, nproc: int, *overrides: str) -> subprocess.Comple
     program = REPO / "lens_model" / "train" / "pretrain.py"
     cmd = ([sys.executable, str(program), *args] if nproc == 1 else
            torchrun_cmd(nproc, script=program, args=args, master_port=free_port()))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
-                               "DS_ACCELERATOR": "cpu"})
+                          env=trainer_env())
 
 
 def _events(parts, run: Path, nproc: int) -> list[dict]:
