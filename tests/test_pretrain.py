@@ -35,7 +35,7 @@ from lens_model.vae import SemanticVAE
 from tasks import dataset
 from tests.conftest import REPO, free_port, trainer_env
 
-# long and short captions mixed (the small recipe's 0.9), so both feature paths are read
+# long and short captions mixed (the paper keeps long ones only), so both feature paths are read
 RECIPE_OVERRIDES = ["data.num_samples=32", "data.samples_per_shard=16",
                     "pretrain.short_caption_prob=0.9"]
 RECIPE = load_recipe("tiny", RECIPE_OVERRIDES)
