@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +21,7 @@ from lens_model.train.launch import (
     render,
     torchrun_cmd,
 )
+from tests.conftest import free_port, trainer_env
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = dict(name="lens-pretrain", image="registry.example/lens:1.2", nnodes=3, nproc_per_node=8,
@@ -75,17 +74,12 @@ def test_deepspeed_launcher_runs_two_ranks_from_a_hostfile(tmp_path: Path) -> No
     """The DeepSpeed launcher itself, on this host (no ssh): 2 ranks from a hostfile (~18 s)."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text(deepspeed_hostfile({"localhost": 2}))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "out"
     cmd = deepspeed_cmd(hostfile, REPO / "tests" / "ds_worker.py",
                         ["--out", out, "--zero", "1", "--job", f"ds:{tmp_path / 'ckpt'}:3"],
-                        master_addr="127.0.0.1", master_port=port, node_rank=0)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                        master_addr="127.0.0.1", master_port=free_port(), node_rank=0)
+    proc = subprocess.run(cmd, cwd=REPO, env=trainer_env(), capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     states = [load_file(str(out / f"ds-rank{r}.safetensors")) for r in (0, 1)]
     infos = [json.loads((out / f"ds-rank{r}.json").read_text()) for r in (0, 1)]
