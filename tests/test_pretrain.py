@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from lens_model.buckets import buckets_for
 from lens_model.config import get_preset
 from lens_model.data.loader import PackedLoader, read_manifest
+from lens_model.data.world import SHAPES
 from lens_model.denoiser import LensDenoiser
 from lens_model.features import FeatureCache
 from lens_model.recipe import load_recipe
@@ -28,6 +29,7 @@ from lens_model.train.pretrain import (
     LossFn,
     build_feature_cache,
     feature_shards,
+    grid_prompts,
     sample_grid,
 )
 from lens_model.transformer import LensTransformer2DModel
@@ -136,8 +138,16 @@ def test_sample_grid_of_a_bf16_model_under_autocast(parts) -> None:
     _, vae, encoder, model = parts
     half = copy.deepcopy(model).to(torch.bfloat16)
     with torch.autocast("cpu", torch.bfloat16):
-        grid = sample_grid(half, encoder, vae, RECIPE, 32)
-    assert grid.size == (32 * GRID_PROMPTS, 64)
+        grid = sample_grid(half, encoder, vae, RECIPE)
+    assert RECIPE.eval.size == "32x32" and grid.size == (32 * GRID_PROMPTS, 64)
+
+
+def test_grid_prompts_draw_each_shape_once_in_distinct_colours() -> None:
+    prompts = grid_prompts(RECIPE)
+    words = [text.split()[-2:] for text, _ in prompts]  # "a photo of a <colour> <shape>"
+    assert [w[1] for w in words] == list(SHAPES)
+    assert len({w[0] for w in words}) == len(SHAPES)
+    assert all(image.size == (32, 32) for _, image in prompts)
 
 
 # --- the whole program: N steps straight == resumed from the checkpoint at N/2 ---------------

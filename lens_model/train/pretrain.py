@@ -46,7 +46,15 @@ from lens_model.data.loader import (
     read_manifest,
     to_signed,
 )
-from lens_model.data.world import render, sample_scene
+from lens_model.data.world import (
+    COLORS,
+    SHAPES,
+    Scene,
+    layout_objects,
+    render,
+    sample_background,
+    sample_sizes,
+)
 from lens_model.denoiser import LensDenoiser, sample_latents
 from lens_model.features import FeatureCache, Features
 from lens_model.flops import train_step_flops
@@ -61,8 +69,8 @@ from lens_model.vae import SemanticVAE
 
 EVENTS = "events.jsonl"
 TEXT_MULTIPLE = 16  # packed text length rounds up to this, so shapes repeat across steps
-GRID_SEED, GRID_PROMPTS, GRID_STEPS, GRID_CFG = 1234, 6, 20, 4.0
-GRID_MAX_OBJECTS = 2  # few, large objects: colours and shapes readable at a glance
+GRID_SEED = 1234
+GRID_PROMPTS = len(SHAPES)  # one object of each shape: what a column shows is that shape's
 
 
 def read_recipe(path: str | Path) -> Recipe:
@@ -206,43 +214,47 @@ class LossFn:
 
 
 def grid_prompts(recipe: Recipe) -> list[tuple[str, Image.Image]]:
-    """Fixed prompts of fixed scenes with their ground-truth renders: short captions where the
-    recipe trains mostly on them, long ones otherwise."""
+    """Fixed prompts of one object each, one per shape in distinct colours, with their
+    ground-truth renders at the recipe's evaluation size: short captions where the recipe
+    trains mostly on them, long ones otherwise."""
     import random
 
     rng = random.Random(GRID_SEED)
-    size = max(recipe.buckets.base_sizes)
+    width, height = (int(x) for x in recipe.eval.size.split("x"))
+    d = recipe.data
     out = []
-    for _ in range(GRID_PROMPTS):
-        d = recipe.data
-        scene = sample_scene(rng, d.min_objects, max(d.min_objects, GRID_MAX_OBJECTS),
-                             tuple(d.backgrounds), tuple(d.patterns))
+    for shape, color in zip(SHAPES, rng.sample(tuple(COLORS), len(SHAPES)), strict=True):
+        objects = layout_objects(rng, [(shape, color, sample_sizes(rng, 1)[0])])
+        scene = Scene(objects, *sample_background(rng, objects, tuple(d.backgrounds),
+                                                  tuple(d.patterns)))
         short = recipe.pretrain.short_caption_prob >= 0.5
-        text = short_caption(scene, rng) if short else long_caption(scene, size, size, rng)
-        out.append((text, render(scene, size, size)))
+        text = short_caption(scene, rng) if short else long_caption(scene, width, height, rng)
+        out.append((text, render(scene, width, height)))
     return out
 
 
 @torch.no_grad()
 def sample_grid(denoiser: LensDenoiser, encoder: LanguageEncoder, vae: SemanticVAE,
-                recipe: Recipe, size: int) -> Image.Image:
-    """Ground truth (top) above samples (bottom) for the fixed prompts, fixed seed."""
+                recipe: Recipe) -> Image.Image:
+    """Ground truth (top) above samples (bottom) for the fixed prompts, fixed seed, drawn with
+    the evaluation protocol's size, steps and CFG (Euler), so the grid shows what is scored."""
     prompts = grid_prompts(recipe)
+    width, height = prompts[0][1].size
     cond = encoder.hidden([p for p, _ in prompts])
     uncond = encoder.hidden([""] * len(prompts))
     f, c = vae.downsample, vae.latent_channels
     was_training = denoiser.training
     denoiser.eval()
-    z = sample_latents(denoiser, cond, uncond, (len(prompts), c, size // f, size // f),
-                       GRID_STEPS, GRID_CFG, torch.Generator().manual_seed(GRID_SEED),
-                       recipe.pretrain.mu_rule())
+    z = sample_latents(denoiser, cond, uncond, (len(prompts), c, height // f, width // f),
+                       recipe.eval.steps, recipe.eval.cfg,
+                       torch.Generator().manual_seed(GRID_SEED), recipe.pretrain.mu_rule())
     denoiser.train(was_training)
     z = z.to(next(vae.parameters()).device, torch.float32)
     images = ((vae.decode_latent(z).clamp(-1, 1) + 1) * 127.5).round().byte()  # (B, 3, H, W)
-    grid = Image.new("RGB", (size * len(prompts), size * 2), "white")
+    grid = Image.new("RGB", (width * len(prompts), height * 2), "white")
     for i, (_, truth) in enumerate(prompts):
-        grid.paste(truth, (i * size, 0))
-        grid.paste(Image.fromarray(images[i].permute(1, 2, 0).cpu().numpy()), (i * size, size))
+        grid.paste(truth, (i * width, 0))
+        grid.paste(Image.fromarray(images[i].permute(1, 2, 0).cpu().numpy()), (i * width, height))
     return grid
 
 
@@ -361,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
             return
         with trainer.ema.swap(trainer.module) if trainer.ema else nullcontext(), \
                 trainer.autocast():
-            grid = sample_grid(trainer.module, encoder, vae, recipe, max(recipe.buckets.base_sizes))
+            grid = sample_grid(trainer.module, encoder, vae, recipe)
             if p.snapshots:  # the EMA model at this step, for learning curves
                 save_final(run, trainer.module, recipe, args.vae, step,
                            f"snapshots/step-{step:08d}")
