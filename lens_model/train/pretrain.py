@@ -70,7 +70,7 @@ from lens_model.vae import SemanticVAE
 EVENTS = "events.jsonl"
 TEXT_MULTIPLE = 16  # packed text length rounds up to this, so shapes repeat across steps
 GRID_SEED = 1234
-GRID_PROMPTS = len(SHAPES)  # one object of each shape: what a column shows is that shape's
+GRID_PROMPTS = len(SHAPES)  # one object of each shape: each column follows one shape
 
 
 def read_recipe(path: str | Path) -> Recipe:
