@@ -25,7 +25,7 @@ from lens_model.data.captions import Prompt, prompt_set
 from lens_model.data.loader import to_signed
 from lens_model.data.world import BACKGROUNDS, PATTERNS, render
 from lens_model.eval.verifier import score, verify
-from lens_model.pipeline import LensPipeline
+from lens_model.pipeline import LensPipeline, parse_size
 from lens_model.recipe import EvalSection
 from lens_model.text_encoder import TextConnector
 from lens_model.transformer import LensTransformer2DModel
@@ -53,7 +53,7 @@ class EvalProtocol:
     @classmethod
     def from_recipe(cls, section: EvalSection) -> EvalProtocol:
         """The protocol of a recipe's ``eval`` section."""
-        width, height = (int(x) for x in section.size.split("x"))
+        width, height = parse_size(section.size)
         return cls(section.prompts_per_category, section.prompt_seed, width, height,
                    section.steps, section.cfg, section.sampler, section.seed)
 

@@ -60,6 +60,7 @@ from lens_model.features import FeatureCache, Features
 from lens_model.flops import train_step_flops
 from lens_model.flow_matching import add_noise, per_token, sample_timesteps, shift_mu, velocity_loss
 from lens_model.packing import pack_tokens
+from lens_model.pipeline import parse_size
 from lens_model.recipe import Recipe
 from lens_model.text_encoder import LanguageEncoder
 from lens_model.train.engine import TrainConfig, Trainer
@@ -220,14 +221,14 @@ def grid_prompts(recipe: Recipe) -> list[tuple[str, Image.Image]]:
     import random
 
     rng = random.Random(GRID_SEED)
-    width, height = (int(x) for x in recipe.eval.size.split("x"))
+    width, height = parse_size(recipe.eval.size)
     d = recipe.data
+    short = recipe.pretrain.short_caption_prob >= 0.5
     out = []
     for shape, color in zip(SHAPES, rng.sample(tuple(COLORS), len(SHAPES)), strict=True):
         objects = layout_objects(rng, [(shape, color, sample_sizes(rng, 1)[0])])
         scene = Scene(objects, *sample_background(rng, objects, tuple(d.backgrounds),
                                                   tuple(d.patterns)))
-        short = recipe.pretrain.short_caption_prob >= 0.5
         text = short_caption(scene, rng) if short else long_caption(scene, width, height, rng)
         out.append((text, render(scene, width, height)))
     return out
