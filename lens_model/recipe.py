@@ -151,6 +151,8 @@ class VaeSection(Section):
     downsample: int = Field(8, ge=1, description="pixels per latent cell")
     steps: int = Field(300, ge=1)
     lr: float = Field(1e-3, gt=0)
+    decay_frac: float = Field(0.0, ge=0, lt=1, description="linear LR cooldown to 0 over this "
+                              "share of the steps; 0: constant")
     kl_weight: float = Field(1e-6, ge=0)
     # MSE, not L1: on the flat-coloured shapes world L1 settles on washed-out colours (the
     # tiny VAE's eval ceiling was 0.13 overall with L1, about 0.6 with MSE at 450 steps).

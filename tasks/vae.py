@@ -73,7 +73,8 @@ def vae_stage(tree: dict[str, Any], dataset: str, dvc_hash: str,
 
         metrics = train_vae(lambda: islice(iter(loader), v.steps), vae, v.steps, lr=v.lr,
                             kl_weight=v.kl_weight, loss=v.loss, log=log, held_out=held_out,
-                            seed=recipe.seed, crop=v.crop)
+                            seed=recipe.seed, crop=v.crop,
+                            decay_frac=v.decay_frac)
         mlflow.log_metrics({"vae/psnr": metrics["psnr"], "vae/psnr_before":
                             metrics["psnr_before"], "vae/seconds": metrics["seconds"]})
         mlflow.log_image(reconstruction_grid(vae, held_out), "vae/reconstructions.png")

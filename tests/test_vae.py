@@ -153,6 +153,19 @@ def test_training_accepts_mixed_size_lists_and_rejects_empty_sources() -> None:
         train_vae([torch.zeros(2, 24, 48)], model, steps=1, held_out=torch.zeros(1, 3, 24, 48))
 
 
+def test_training_cools_the_lr_down_over_decay_frac() -> None:
+    torch.manual_seed(0)
+    model = SemanticVAE.tiny()
+    lrs: list[float] = []
+    batch = [torch.rand(2, 3, 24, 24) * 2 - 1]
+    train_vae(lambda: batch, model, steps=8, lr=1e-3, decay_frac=0.5, log_every=1,
+              held_out=torch.zeros(1, 3, 24, 24), log=lambda step, m: lrs.append(m["lr"]))
+    assert lrs == pytest.approx([1e-3] * 5 + [7.5e-4, 5e-4, 2.5e-4])
+    with pytest.raises(ValueError, match="decay_frac=1.0 must be in"):
+        train_vae(lambda: batch, model, steps=1, decay_frac=1.0,
+                  held_out=torch.zeros(1, 3, 24, 24))
+
+
 def test_random_crops_stack_mixed_sizes_into_one_batch() -> None:
     wide, tall = torch.rand(2, 3, 24, 48), torch.rand(1, 3, 40, 24)
     crops = random_crops([wide, tall], 24, torch.Generator().manual_seed(0))

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from lens_model.train.engine import lr_multiplier
 from lens_model.vae import SemanticVAE, patchify
 
 BatchSource = Iterable[Any] | Callable[[], Iterable[Any]]
@@ -128,12 +129,16 @@ def train_vae(images: BatchSource, vae: SemanticVAE, steps: int, lr: float = 1e-
               kl_weight: float = 1e-4, log: Callable[[int, dict], None] | None = None, *,
               held_out: Tensor, loss: str = "l1", weight_decay: float = 0.0,
               grad_clip: float = 1.0, log_every: int = 10, seed: int = 0,
-              crop: int | None = None) -> dict[str, float]:
+              crop: int | None = None, decay_frac: float = 0.0) -> dict[str, float]:
     """Train ``vae`` in place for ``steps`` AdamW steps; metrics with held-out PSNR before/after.
 
-    ``crop``: train on random crop x crop windows of the images (see ``random_crops``)."""
+    ``crop``: train on random crop x crop windows of the images (see ``random_crops``).
+    ``decay_frac``: cool the LR linearly to 0 over this share of the steps. At a constant LR
+    a short run stops wherever its noisy loss happens to be."""
     if steps < 1:
         raise ValueError(f"VAE training steps={steps} must be >= 1")
+    if not 0 <= decay_frac < 1:
+        raise ValueError(f"VAE decay_frac={decay_frac} must be in [0, 1)")
     if loss not in LOSSES:
         raise ValueError(f"VAE reconstruction loss {loss!r} is unknown; use one of {LOSSES}")
     vae._check_images(held_out)
@@ -142,6 +147,8 @@ def train_vae(images: BatchSource, vae: SemanticVAE, steps: int, lr: float = 1e-
     psnr_before = evaluate_psnr(vae, held_out)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(vae.model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lr_multiplier(0, steps, round(decay_frac * steps)))
     vae.train()
     stream = _batches(images)
     start = time.perf_counter()
@@ -163,13 +170,15 @@ def train_vae(images: BatchSource, vae: SemanticVAE, steps: int, lr: float = 1e-
                 vae.model.bn.train()
                 vae.model.bn(patchify(mode.detach()))
         grad_norm = torch.nn.utils.clip_grad_norm_(vae.model.parameters(), grad_clip)
+        used_lr = opt.param_groups[0]["lr"]
         opt.step()
+        sched.step()
         n = sum(p[3] for p in parts)
         seen += n
         stats = {"loss": sum(p[0] * p[3] for p in parts) / n,
                  "recon": sum(p[1] * p[3] for p in parts) / n,
                  "kl": sum(p[2] * p[3] for p in parts) / n,
-                 "grad_norm": float(grad_norm)}
+                 "grad_norm": float(grad_norm), "lr": used_lr}
         if not math.isfinite(stats["loss"]):
             raise FloatingPointError(f"VAE training loss became {stats['loss']} at step {step}; "
                                      f"lower lr={lr} or grad_clip={grad_clip}")
