@@ -1,5 +1,5 @@
-"""The pipeline: data -> vae (when the recipe trains one) -> pretrain -> evaluate -> register
--> promote, under one MLflow parent run whose child runs are the stages.
+"""The pipeline: data -> vae (when the recipe trains one) -> pretrain -> rl -> evaluate ->
+register -> promote, under one MLflow parent run whose child runs are the stages.
 
     lens run tiny                      # what `make run` runs
     lens run lens-3.8b --set launch.nnodes=1 --set launch.nproc_per_node=8   # one 8-GPU node
@@ -24,9 +24,11 @@ from tasks.evaluate import evaluate_stage
 from tasks.pretrain import pretrain
 from tasks.registry import register
 from tasks.report import failure_report, pipeline_report
+from tasks.rl import rl
+from tasks.rl_prompts import outputs_current, rl_prompts_task
 from tasks.vae import vae_dir, vae_stage
 
-STAGES = ("data", "vae", "pretrain", "evaluate", "register", "promote")
+STAGES = ("data", "vae", "pretrain", "rl", "evaluate", "register", "promote")
 
 
 @flow(name="lens-pipeline", version="1", log_prints=True)
@@ -62,13 +64,25 @@ def pipeline_flow(recipe: str = "tiny", overrides: list[str] | None = None,
         vae = vae_run["dir"]
         trained = lap("pretrain", pretrain(tree, dataset, vae, data["dvc_hash"], parent,
                                            return_state=True))
-        scored = lap("evaluate", evaluate_stage(tree, trained["model_dir"], data["dvc_hash"],
-                                                parent, return_state=True))
+        # a cache hit must not stand in for a prompt set deleted or overwritten since
+        prompts_state = rl_prompts_task.with_options(
+            refresh_cache=not outputs_current(tree, repo or "."))(tree, repo or ".", parent,
+                                                                  return_state=True)
+        prompts = prompts_state.result()
+        tuned = lap("rl", rl(tree, trained["model_dir"], prompts, data["dvc_hash"],
+                             trained["run_id"], parent, return_state=True))
+        if prompts_state.name != "Cached":
+            compute["rl"] += float(prompts.get("compute_s", 0))
+        scored = lap("evaluate", evaluate_stage(tree, tuned["model_dir"], data["dvc_hash"],
+                                                parent, trained["model_dir"], return_state=True))
         runs = {"data": data["mlflow_run_id"], "vae": vae_run.get("run_id", ""),
-                "pretrain": trained["run_id"], "evaluate": scored["run_id"]}
+                "pretrain": trained["run_id"], "rl_prompts": prompts["run_id"],
+                "rl": tuned["run_id"], "evaluate": scored["run_id"]}
         runs = {stage: run_id for stage, run_id in runs.items() if run_id}  # a pretrained VAE
-        version = lap("register", register(tree, trained["model_dir"], data["dvc_hash"], scored,
-                                           runs, parent, return_state=True))
+        version = lap("register", register(
+            tree, tuned["model_dir"], data["dvc_hash"], scored, runs, parent,
+            {"lens.rl_prompts_dvc_hash": prompts["dvc_hash"],
+             "lens.pretrain_model_dir": trained["model_dir"]}, return_state=True))
         runs = runs | {"register": version["run_id"]}  # the task keeps the dict it was given
         promotion = release.promote_task(version["name"], version["version"],
                                          reason=f"pipeline run of recipe {rec.name}")
@@ -84,13 +98,20 @@ def pipeline_flow(recipe: str = "tiny", overrides: list[str] | None = None,
                                f"{type(error).__name__}: {first}")
         raise
     summary = {"dvc_hash": data["dvc_hash"], "vae_dir": vae,
-               "model_dir": trained.get("model_dir", ""), "pretrain_run_id": trained["run_id"],
+               "model_dir": tuned.get("model_dir", ""), "pretrain_run_id": trained["run_id"],
+               "pretrained_dir": trained.get("model_dir", ""), "rl_run_id": tuned["run_id"],
+               "rl_prompts_dvc_hash": prompts["dvc_hash"],
+               "rl_prompts_path": prompts["path"],
                "model": version["name"], "version": version["version"],
                **{f"run.{stage}": run_id for stage, run_id in runs.items()}}
     data_tasks.close_parent(parent, summary)
     result = {**data, **summary, "parent_run_id": parent, "pretrain_job": trained["job"],
               "run_dir": trained["run_dir"], "scores": scored["scores"],
               "baseline_scores": scored["baseline_scores"], "eval_grid": scored["grid"],
+              "pretrained_scores": scored["pretrained_scores"],
+              "rl": {"job": tuned["job"], "gold_before": tuned["gold_before"],
+                     "gold_after": tuned["gold_after"],
+                     "reward_hacking": bool(tuned.get("reward_hacking"))},
               "seconds_per_image": scored["seconds_per_image"],
               "eval_hash": scored["eval_hash"], "promotion": promotion, "stages": stages,
               "compute": compute}

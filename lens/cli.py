@@ -6,8 +6,10 @@
     lens data ingest PATH... --out DIR     ingest user data (folders, WebDataset tars, Parquet)
     lens data prepare|validate --params P  the DVC stages (``dvc repro`` runs these)
     lens recipe RECIPE [--set k=v]         print the resolved recipe and its hash
+    lens rl prompts [RECIPE | --params P] --out DIR   the RL prompt set (the DVC rl_prompts stage)
     lens model info PRESET [--size WxH]    parameters, FLOPs per forward, training memory
-    lens train render RECIPE --target k8s|slurm [--out DIR]   a cluster job for pretraining
+    lens train render RECIPE --target k8s|slurm [--stage pretrain|rl] [--out DIR]
+                                           a cluster job for a training stage
     lens generate PROMPT... --model DIR|models:/NAME@ALIAS [--size WxH] [--out DIR]
                                            images from a trained model, one PNG each
     lens promote NAME VERSION [--dry-run]  gate a version and move @champion to it
@@ -70,13 +72,21 @@ def _scores(scores: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
 
 
+HACKING = "; REWARD HACKING: the gold score fell while the training reward rose"
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.pipeline import run
 
     result = run(args.recipe, args.overrides, args.repo)
     keys = ("dvc_hash", "valid", "quarantined", "mlflow_run_id", "manifest", "model_dir",
             "parent_run_id", "pretrain_run_id", "vae_dir", "model", "version", "scores",
-            "baseline_scores", "eval_grid", "eval_hash", "seconds_per_image")
+            "baseline_scores", "eval_grid", "eval_hash", "seconds_per_image", "pretrained_dir",
+            "pretrained_scores", "rl_run_id", "rl_prompts_dvc_hash", "rl")
     promotion = result["promotion"]
     out = {k: result[k] for k in keys} | {
         "recipe": result["recipe"], "recipe_hash": result["recipe_hash"],
@@ -86,10 +96,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                f"not promoted: {promotion.get('reason', 'gates failed')}")
     human = _where(result) + "\n" + "\n".join([
         f"vae       {result['vae_dir']}",
-        f"model     {result['model_dir']}  (pretrain run {result['pretrain_run_id']}, "
+        f"pretrained {result['pretrained_dir']}  (pretrain run {result['pretrain_run_id']}, "
         f"job {result['pretrain_job']})",
+        f"rl        {result['model_dir']}  (rl run {result['rl_run_id']}; gold reward "
+        f"{_num(result['rl']['gold_before'])} -> {_num(result['rl']['gold_after'])}"
+        f"{HACKING if result['rl']['reward_hacking'] else ''})",
         f"scores    {_scores(result['scores'])}  (eval {result['eval_hash']}, "
         f"{result['seconds_per_image']:.3f} s/image)",
+        f"before rl {_scores(result['pretrained_scores'])}  (the pretrained model, with CFG)",
         f"untrained {_scores(result['baseline_scores'])}",
         f"grid      {result['eval_grid']}",
         f"registry  {result['model']} v{result['version']} "
@@ -244,6 +258,27 @@ def cmd_recipe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rl_prompts(args: argparse.Namespace) -> int:
+    from lens_model.recipe import load_recipe
+    from lens_model.rl.llm import LLMError
+    from tasks import dvc_ops
+    from tasks.rl_prompts import build_and_check
+
+    recipe = (load_recipe(args.recipe, args.overrides) if args.recipe
+              else dvc_ops.read_params(args.params))
+    try:
+        built = build_and_check(recipe, Path(args.out))
+    except LLMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    counts = built["counts"]
+    _emit(built, args.json, f"{counts['total']} prompts: {counts['train']} train "
+          f"({counts['items.train']} items), {counts['gold']} gold ({counts['items.gold']} "
+          f"items)\n" + "\n".join(f"  {k}: {v}" for k, v in counts.items() if "." in k
+                                  and not k.startswith("items.")) + f"\nwrote {built['path']}")
+    return 0
+
+
 def cmd_model_info(args: argparse.Namespace) -> int:
     from lens_model.flops import info
 
@@ -274,14 +309,23 @@ def cmd_train_render(args: argparse.Namespace) -> int:
     from lens_model.train.launch import render
 
     recipe = load_recipe(args.recipe, args.overrides)
-    name = f"pretrain-{recipe.name.replace('.', '-')}-{recipe.hash()}"
-    run = f"{args.mount}/{name}"
-    vae = args.vae or recipe.vae.path or f"{run}/vae"
+    slug = recipe.name.replace(".", "-")
+    pretrain_run = f"{args.mount}/pretrain-{slug}-{recipe.hash()}"
     launch = recipe.launch
-    params = {"name": name, "nnodes": launch.nnodes, "nproc_per_node": launch.nproc_per_node,
-              "master_port": launch.master_port, "script": "lens_model/train/pretrain.py",
-              "args": ["--params", f"{run}/recipe.yaml", "--dataset", args.dataset,
-                       "--vae", vae, "--run-dir", run]}
+    if args.stage == "rl":
+        name = f"rl-{slug}-{recipe.hash()}"
+        run = f"{args.mount}/{name}"
+        nnodes = recipe.rl.nnodes or launch.nnodes
+        script_args = ["--params", f"{run}/recipe.yaml", "--model",
+                       args.model or f"{pretrain_run}/final", "--prompts", args.prompts,
+                       "--run-dir", run]
+    else:
+        name, run, nnodes = pretrain_run.rsplit("/", 1)[-1], pretrain_run, launch.nnodes
+        script_args = ["--params", f"{run}/recipe.yaml", "--dataset", args.dataset,
+                       "--vae", args.vae or recipe.vae.path or f"{run}/vae", "--run-dir", run]
+    params = {"name": name, "nnodes": nnodes, "nproc_per_node": launch.nproc_per_node,
+              "master_port": launch.master_port,
+              "script": f"lens_model/train/{args.stage}.py", "args": script_args}
     if args.target == "k8s":
         params |= {"image": launch.image, "mount_path": args.mount, "pvc": args.pvc}
     text = render(args.target, **params)
@@ -385,16 +429,22 @@ def parser() -> argparse.ArgumentParser:
     minfo.add_argument("--json", action="store_true")
     minfo.set_defaults(func=cmd_model_info)
 
-    train = sub.add_parser("train", help="pretraining launch helpers")
+    train = sub.add_parser("train", help="training launch helpers")
     tsub = train.add_subparsers(dest="train_command", required=True)
     rend = tsub.add_parser("render", help="a Kubernetes PyTorchJob or Slurm sbatch script")
     rend.add_argument("recipe")
+    rend.add_argument("--stage", default="pretrain", choices=["pretrain", "rl"],
+                      help="the training program the job runs")
     rend.add_argument("--target", required=True, choices=["k8s", "slurm"])
     rend.add_argument("--out", help="folder for the job file and the resolved recipe")
     rend.add_argument("--mount", default="/workspace/runs", help="shared volume for runs")
     rend.add_argument("--pvc", default="lens-runs", help="k8s: the claim mounted at --mount")
     rend.add_argument("--dataset", default="data/dataset", help="dataset path on the nodes")
     rend.add_argument("--vae", help="VAE folder on the nodes (default: the recipe's vae.path)")
+    rend.add_argument("--model", help="rl: the pretrained final/ on the nodes (default: the "
+                      "pretrain job's, under --mount)")
+    rend.add_argument("--prompts", default="data/rl_prompts/prompts.parquet",
+                      help="rl: the RL prompt set on the nodes")
     _overrides(rend)
     rend.set_defaults(func=cmd_train_render)
 
@@ -455,6 +505,16 @@ def parser() -> argparse.ArgumentParser:
     recipe.add_argument("--json", action="store_true")
     _overrides(recipe)
     recipe.set_defaults(func=cmd_recipe)
+
+    rl = sub.add_parser("rl", help="RL post-training helpers")
+    rlsub = rl.add_subparsers(dest="rl_command", required=True)
+    rlp = rlsub.add_parser("prompts", help="build the RL prompt set (the DVC rl_prompts stage)")
+    rlp.add_argument("recipe", nargs="?", help="a recipe (default: the one in --params)")
+    rlp.add_argument("--params", default="params.yaml", help="a resolved recipe (params.yaml)")
+    rlp.add_argument("--out", default="data/rl_prompts")
+    rlp.add_argument("--json", action="store_true")
+    _overrides(rlp)
+    rlp.set_defaults(func=cmd_rl_prompts)
     return p
 
 

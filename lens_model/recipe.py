@@ -223,6 +223,73 @@ class PretrainSection(Section):
                 "max_tokens": self.mu_max_tokens, "max_mu": self.mu_max}
 
 
+class EndpointSection(Section):
+    """An OpenAI-compatible chat endpoint (vLLM, Ollama, a hosted model). The key is read from
+    the environment variable ``api_key_env``, never from the recipe."""
+
+    base_url: str | None = Field(None, description="e.g. http://127.0.0.1:8000/v1; default "
+                                 "$LENS_LLM_BASE_URL")
+    model: str | None = Field(None, description="model name; default $LENS_LLM_MODEL")
+    api_key_env: str = "LENS_LLM_API_KEY"
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(2, ge=0, description="retries after the first try, then fail")
+
+
+class RLSection(Section):
+    """RL post-training: DiffusionNFT (arXiv 2509.16117) on a LoRA adapter, rubric rewards."""
+
+    taxonomy: str = Field("shapes", description="configs/taxonomy/NAME.yaml or a path")
+    prompt_backend: Literal["grammar", "openai"] = "grammar"
+    judge: Literal["verifier", "openai"] = "verifier"
+    endpoint: EndpointSection = Field(default_factory=EndpointSection)
+    num_prompts: int = Field(512, ge=2, description="prompts written, train and gold together")
+    gold_frac: float = Field(0.2, gt=0, lt=1, description="share of taxonomy items held out "
+                             "as the gold set (never trained on)")
+    min_dimensions: int = Field(1, ge=1, le=5)
+    max_dimensions: int = Field(4, ge=1, le=5)
+    steps: int = Field(180, ge=1, description="RL steps: one rollout batch and one update each")
+    groups: int = Field(48, ge=1, description="prompt groups per step")
+    group_size: int = Field(24, ge=2, description="images per prompt (one group)")
+    sample_steps: int = Field(10, ge=1, description="rollout sampler steps")
+    sampler: Literal["euler", "heun"] = "heun"
+    sizes: list[str] = Field(default_factory=list, description="rollout sizes WxH; empty: "
+                             "the recipe's buckets")
+    lora_rank: int = Field(64, ge=1)
+    lora_alpha: int = Field(128, ge=1)
+    lora_targets: list[str] = Field(default_factory=lambda: ["qkv", "out", "gate_up", "down"],
+                                    min_length=1, description="Linear layers that get LoRA")
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = Field(1.0, gt=0)
+    beta: float = Field(1.0, gt=0, description="NFT: implicit policies (1 -+ beta) v_old "
+                        "+- beta v")
+    adv_clip: float = Field(2.0, gt=0, description="Z = adv_clip * group std: advantages beyond "
+                            "adv_clip standard deviations saturate")
+    kl_weight: float = Field(1e-4, ge=0, description="velocity MSE to the frozen base model")
+    old_decay: float = Field(0.0, ge=0, lt=1, description="old <- d old + (1 - d) policy after "
+                             "each step; 0: the old policy is the rollout policy (on-policy)")
+    zero_stage: Literal[0, 1, 2] = 0
+    precision: Literal["fp32", "bf16"] = "bf16"
+    nnodes: int | None = Field(None, ge=1, description="nodes of a rendered cluster job; none: "
+                               "launch.nnodes")
+    ckpt_every: int = Field(20, ge=1)
+    keep_last: int = Field(2, ge=1)
+    gold_every: int = Field(20, ge=1, description="steps between gold-set evaluations")
+    gold_prompts: int = Field(64, ge=1, description="gold prompts drawn at each evaluation")
+    log_every: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> RLSection:
+        if self.min_dimensions > self.max_dimensions:
+            raise ValueError("min_dimensions must be <= max_dimensions")
+        for size in self.sizes:
+            parts = size.lower().split("x")
+            if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+                raise ValueError(f"rl.sizes entry {size!r} must look like WxH, e.g. 32x32")
+        return self
+
+
 class LaunchSection(Section):
     """Where pretraining runs: one process, torchrun on N processes, or several nodes."""
 
@@ -272,6 +339,7 @@ class Recipe(Section):
     text_encoder: TextEncoderSection = Field(default_factory=TextEncoderSection)
     vae: VaeSection = Field(default_factory=lambda: VaeSection(source="train"))
     pretrain: PretrainSection = Field(default_factory=PretrainSection)
+    rl: RLSection = Field(default_factory=RLSection)
     launch: LaunchSection = Field(default_factory=LaunchSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     eval: EvalSection = Field(default_factory=EvalSection)
@@ -291,9 +359,13 @@ class Recipe(Section):
         return _digest(self.model_dump(mode="json"))
 
     def train_hash(self) -> str:
-        """Hash of what decides the trained weights: all but evaluation, gates and tracking,
-        so changing those reuses the trained stages."""
-        return _digest(self.model_dump(mode="json", exclude={"eval", "gates", "tracking"}))
+        """Hash of what decides the pretrained weights: all but evaluation, gates, tracking and
+        the post-training stages, so changing those reuses the trained stages."""
+        return _digest(self.model_dump(mode="json", exclude={"eval", "gates", "tracking", "rl"}))
+
+    def rl_hash(self) -> str:
+        """Hash of what decides the RL model: the pretrained weights' inputs and the rl section."""
+        return _digest({"train": self.train_hash(), "rl": self.rl.model_dump(mode="json")})
 
     def data_hash(self) -> str:
         """Hash of what decides the dataset's content: not how many workers build it."""

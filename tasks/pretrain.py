@@ -11,6 +11,7 @@ import importlib.util
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,17 +33,17 @@ def job_name(recipe: Recipe, dvc_hash: str) -> str:
     return f"pretrain-{recipe.name}-{recipe.train_hash()}-{dvc_hash[:8]}"
 
 
-def command(recipe: Recipe, args: list[str]) -> list[str]:
-    """One process runs the program directly; more on this node go through torchrun."""
+def command(recipe: Recipe, args: list[str], program: Path = PROGRAM) -> list[str]:
+    """One process runs ``program`` directly; more on this node go through torchrun."""
     launch = recipe.launch
     if launch.nnodes > 1:
         raise ValueError(f"launch.nnodes={launch.nnodes}: a local task runs one node; render a "
                          f"cluster job with `lens train render {recipe.name} --target k8s|slurm`")
     if launch.nproc_per_node == 1:
-        return [sys.executable, str(PROGRAM), *args]
+        return [sys.executable, str(program), *args]
     return torchrun_cmd(nproc_per_node=launch.nproc_per_node, nnodes=1, node_rank=0,
                         master_addr=launch.master_addr, master_port=launch.master_port,
-                        script=PROGRAM, args=args)
+                        script=program, args=args)
 
 
 def launch_env(recipe: Recipe) -> dict[str, str]:
@@ -81,32 +82,42 @@ def pretrain_task(tree: dict[str, Any], dataset: str, vae: str, dvc_hash: str,
                   parent_run_id: str = "") -> dict[str, Any]:
     """Train, streaming losses, the compute ledger and sample grids into one MLflow run."""
     recipe = Recipe.model_validate(tree)
-    logger = get_run_logger()
     job = job_name(recipe, dvc_hash)
     run_dir = defaults.lens_home() / "runs" / job
     params = run_dir / "recipe.yaml"
     atomic.write_text(params, yaml.safe_dump(tree, sort_keys=False))
     args = ["--params", str(params), "--dataset", dataset, "--vae", vae,
             "--run-dir", str(run_dir)]
+    tags = tracking.lineage(recipe, dvc_hash, parent_run_id) | {"lens.stage": "pretrain"}
+    logged = {k: v for k, v in recipe.flat().items()
+              if k.split(".")[0] in ("model", "text_encoder", "vae", "pretrain", "launch",
+                                     "loader")}
+    return tracked_job(recipe, job, run_dir, command(recipe, args), recipe.pretrain.steps,
+                       tags, logged)
+
+
+def tracked_job(recipe: Recipe, job: str, run_dir: Path, cmd: list[str], steps: int,
+                tags: dict[str, str], params: dict[str, Any],
+                on_final: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run a training program (``cmd``) as the MLflow run tagged ``lens.job`` = ``job``,
+    streaming its events (metrics, artifacts, checkpoints) there; a job that finished all
+    ``steps`` before is reused, a stopped one resumes in its run. ``on_final(final)`` runs
+    inside the MLflow run once the program is done, for stage-specific logging."""
+    logger = get_run_logger()
     exp = tracking.experiment(recipe.tracking.experiment)
-    tags = tracking.lineage(recipe, dvc_hash, parent_run_id) | {"lens.stage": "pretrain",
-                                                               "lens.job": job}
     existing = mlflow.search_runs([exp], filter_string=f"tags.`lens.job` = '{job}'",
                                   output_format="list", max_results=1)
-    done = _finished(run_dir, recipe.pretrain.steps)
+    done = _finished(run_dir, steps)
     if done and existing:  # a rerun of a finished job: nothing to launch
-        logger.info(f"{job} finished all {recipe.pretrain.steps} steps before; reusing "
-                    f"{done['model_dir']}")
+        logger.info(f"{job} finished all {steps} steps before; reusing {done['model_dir']}")
         return {"run_id": existing[0].info.run_id, "job": job, "run_dir": str(run_dir),
                 "compute_s": 0.0, **done}
     final: dict[str, Any] = {}
     with mlflow.start_run(run_id=existing[0].info.run_id if existing else None,
-                          experiment_id=exp, run_name=job, tags=tags,
+                          experiment_id=exp, run_name=job, tags=tags | {"lens.job": job},
                           log_system_metrics=True) as run:
         if not existing:
-            mlflow.log_params({k: str(v)[:500] for k, v in recipe.flat().items()
-                               if k.split(".")[0] in ("model", "text_encoder", "vae",
-                                                      "pretrain", "launch", "loader")})
+            mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
 
         def on_event(event: dict[str, Any]) -> None:
             step = int(event.get("step", 0))
@@ -124,9 +135,10 @@ def pretrain_task(tree: dict[str, Any], dataset: str, vae: str, dvc_hash: str,
                 final.update(event["final"])
 
         started = time.perf_counter()
-        run_streaming(command(recipe, args), run_dir, on_event, logger.info,
-                      env=launch_env(recipe))
+        run_streaming(cmd, run_dir, on_event, logger.info, env=launch_env(recipe))
         compute_s = time.perf_counter() - started  # the trainer's lifetime; streaming overlaps
         mlflow.set_tags({"lens.model_dir": final.get("model_dir", "")})
+        if on_final is not None:
+            on_final(final)
         return {"run_id": run.info.run_id, "job": job, "run_dir": str(run_dir),
                 "compute_s": compute_s, **final}

@@ -41,13 +41,14 @@ def requirements() -> list[str]:
     return [f"{name}=={installed_version(name).split('+')[0]}" for name in RUNTIME]
 
 
-def signature(recipe: Recipe) -> ModelSignature:
-    """Prompts in, PNG bytes out; sampling settings as params defaulting to the eval's."""
+def signature(recipe: Recipe, cfg: float) -> ModelSignature:
+    """Prompts in, PNG bytes out; sampling settings as params defaulting to the eval's, CFG
+    to the model's own (``cfg``: 0 for a CFG-free RL model)."""
     e = recipe.eval
     return ModelSignature(
         inputs=Schema([ColSpec("string", "prompt")]),
         outputs=Schema([ColSpec("string", "prompt"), ColSpec("binary", "image")]),
-        params=ParamSchema([ParamSpec("steps", "long", e.steps), ParamSpec("cfg", "double", e.cfg),
+        params=ParamSchema([ParamSpec("steps", "long", e.steps), ParamSpec("cfg", "double", cfg),
                             ParamSpec("size", "string", e.size), ParamSpec("seed", "long", 0)]))
 
 
@@ -55,22 +56,28 @@ def model_card(recipe: Recipe, tags: dict[str, str], evaluation: dict[str, Any])
     """A markdown card: what the model is, how it was made, how it scores."""
     scores = evaluation["scores"]
     base = evaluation["baseline_scores"]
+    before = evaluation.get("pretrained_scores") or {}
     rows = "\n".join(f"| {k} | {v:.3f} | {base.get(k, float('nan')):.3f} |"
+                     + (f" {before.get(k, float('nan')):.3f} |" if before else "")
                      for k, v in scores.items())
     lineage = "\n".join(f"- `{k}`: {v}" for k, v in sorted(tags.items()))
     e = recipe.eval
+    cfg = evaluation.get("cfg", e.cfg)
+    stages = ("rectified flow, then DiffusionNFT RL with rubric rewards on a LoRA adapter "
+              "(merged; drawn without CFG)" if before else "rectified flow")
+    pretrained = (f" | pretrained (protocol `{evaluation['pretrained_eval_hash']}`) |\n"
+                  "|---|---|---|---|" if before else " |\n|---|---|---|")
     return f"""# {recipe.tracking.model_name}: Lens `{recipe.name}` recipe
 
-A Lens MMDiT ({recipe.model.preset} preset) trained with rectified flow on the
+A Lens MMDiT ({recipe.model.preset} preset) trained with {stages} on the
 `{recipe.data.source}` data, with the {recipe.text_encoder.path} text encoder (layers
 {recipe.text_encoder.layers}) and a semantic VAE ({recipe.vae.source}).
 
 ## Shapes-GenEval
 Protocol `{evaluation['eval_hash']}`: {e.prompts_per_category} prompts per category (seed
-{e.prompt_seed}), {e.size}, {e.steps} {e.sampler} steps, CFG {e.cfg}, seed {e.seed}.
+{e.prompt_seed}), {e.size}, {e.steps} {e.sampler} steps, CFG {cfg}, seed {e.seed}.
 
-| category | score | untrained |
-|---|---|---|
+| category | score | untrained{pretrained}
 {rows}
 
 Latency: {evaluation['seconds_per_image']:.3f} s per image at these settings.
@@ -83,7 +90,7 @@ Latency: {evaluation['seconds_per_image']:.3f} s per image at these settings.
 import mlflow, pandas as pd
 model = mlflow.pyfunc.load_model("models:/{recipe.tracking.model_name}@candidate")
 out = model.predict(pd.DataFrame({{"prompt": ["a photo of a red circle"]}}),
-                    params={{"steps": {e.steps}, "cfg": {e.cfg}, "size": "{e.size}", "seed": 0}})
+                    params={{"steps": {e.steps}, "cfg": {cfg}, "size": "{e.size}", "seed": 0}})
 ```
 """
 
@@ -97,8 +104,10 @@ def _register_inputs(params: dict[str, Any]) -> dict[str, Any]:
 @task(name="register", persist_result=True,
       cache_policy=keyed_by(_register_inputs, ("tasks/registry.py", "tasks/lens_pyfunc.py")))
 def register(tree: dict[str, Any], model_dir: str, dvc_hash: str, evaluation: dict[str, Any],
-             stage_runs: dict[str, str], parent_run_id: str = "") -> dict[str, Any]:
-    """Log the pipeline as a pyfunc, register a new version and alias it ``candidate``."""
+             stage_runs: dict[str, str], parent_run_id: str = "",
+             extra_tags: dict[str, str] | None = None) -> dict[str, Any]:
+    """Log the pipeline as a pyfunc, register a new version and alias it ``candidate``;
+    ``extra_tags`` join its lineage tags (the RL prompt set's DVC hash, say)."""
     recipe = Recipe.model_validate(tree)
     logger = get_run_logger()
     name = recipe.tracking.model_name
@@ -109,7 +118,7 @@ def register(tree: dict[str, Any], model_dir: str, dvc_hash: str, evaluation: di
         "lens.eval_hash": evaluation["eval_hash"],
         "lens.gates": recipe.gates.model_dump_json()} | {
         f"eval.{k}": f"{v:.4f}" for k, v in evaluation["scores"].items()} | {
-        "eval.seconds_per_image": f"{evaluation['seconds_per_image']:.4f}"}
+        "eval.seconds_per_image": f"{evaluation['seconds_per_image']:.4f}"} | (extra_tags or {})
     card = model_card(recipe, version_tags, evaluation)
     with tempfile.TemporaryDirectory() as tmp:
         pipeline_dir = Path(tmp) / "pipeline"
@@ -120,7 +129,8 @@ def register(tree: dict[str, Any], model_dir: str, dvc_hash: str, evaluation: di
                               tags=lineage | {"lens.stage": "register"}) as run:
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(PYFUNC), artifacts={"pipeline": str(pipeline_dir)},
-                signature=signature(recipe), pip_requirements=requirements(),
+                signature=signature(recipe, evaluation.get("cfg", recipe.eval.cfg)),
+                pip_requirements=requirements(),
                 registered_model_name=name)
             mlflow.log_text(card, "model_card.md")
             mlflow.log_dict(evaluation["scores"], "eval_scores.json")

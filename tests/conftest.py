@@ -56,11 +56,13 @@ def dvc_repo(tmp_path: Path) -> Path:
         shutil.copy(REPO / name, root / name)
     # dvc.yaml's code deps, so `dvc status` can hash them
     from tasks.dataset import BUILD_CODE
+    from tasks.rl_prompts import RL_PROMPTS_CODE
 
-    for dep in BUILD_CODE:
+    for dep in {*BUILD_CODE, *RL_PROMPTS_CODE, "configs/taxonomy"}:
         (root / dep).parent.mkdir(parents=True, exist_ok=True)
         if (REPO / dep).is_dir():
-            shutil.copytree(REPO / dep, root / dep, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(REPO / dep, root / dep, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(REPO / dep, root / dep)
     run(["git", "init", "-q"], root)

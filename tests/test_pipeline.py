@@ -1,5 +1,5 @@
-"""The pipeline end to end on the tiny recipe, shortened: data -> vae -> pretrain -> evaluate
--> register -> promote, with the MLflow parent run, the stage runs under it, the streamed
+"""The pipeline end to end on the tiny recipe, shortened: data -> vae -> pretrain -> rl ->
+evaluate -> register -> promote, with the MLflow parent run, the stage runs under it, the streamed
 losses, sample grids, a registered model that loads in a fresh process, and a cached rerun."""
 
 from __future__ import annotations
@@ -20,7 +20,10 @@ from lens import cli
 
 SHORT = ["data.num_samples=64", "data.samples_per_shard=32", "vae.steps=4",
          "pretrain.steps=6", "pretrain.log_every=2", "pretrain.sample_every=3",
-         "pretrain.ckpt_every=3", "eval.prompts_per_category=2", "gates.min_overall=0",
+         "pretrain.ckpt_every=3", "rl.num_prompts=24", "rl.steps=2", "rl.groups=2",
+         "rl.group_size=2", "rl.sample_steps=2", "rl.gold_prompts=2", "rl.gold_every=1",
+         "rl.lora_rank=4", "rl.lora_alpha=8", "eval.prompts_per_category=2",
+         "gates.min_overall=0",
          "gates.max_latency_s=60", "tracking.model_name=lens-pipeline-test"]
 LOAD = """
 import io, sys
@@ -45,17 +48,34 @@ def test_tiny_pipeline_trains_and_tracks(prefect_server, dvc_repo: Path, capsys,
     config = json.loads((model / "transformer" / "config.json").read_text())
     assert config["pooled_text"] is True  # the tiny recipe's model.pooled_text reached the model
     assert (model / "connector.safetensors").exists()
-    assert json.loads((model / "lens.json").read_text())["step"] == 6
+    lens_json = json.loads((model / "lens.json").read_text())
+    assert lens_json["step"] == 2 and lens_json["rl"]["guidance"] is None  # the RL model
+    assert Path(out["pretrained_dir"]).name == "final" and out["pretrained_dir"] != str(model)
 
     client = mlflow.MlflowClient()
     parent = client.get_run(out["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["lens.model_dir"] == str(model)
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert {r.data.tags["lens.stage"] for r in children} == {"data", "vae", "pretrain",
-                                                            "evaluate", "register"}
-    assert set(out["stages"]) == {"data", "vae", "pretrain", "evaluate", "register", "promote"}
+    assert {r.data.tags["lens.stage"] for r in children} == {
+        "data", "vae", "pretrain", "rl_prompts", "rl", "evaluate", "register"}
+    assert set(out["stages"]) == {"data", "vae", "pretrain", "rl", "evaluate", "register",
+                                  "promote"}
     assert set(out["scores"]) == set(out["baseline_scores"]) >= {"overall", "colors"}
+    assert set(out["pretrained_scores"]) == set(out["scores"])  # the model RL started from
+    rl_run = [r for r in children if r.data.tags["lens.stage"] == "rl"][0]
+    assert rl_run.data.tags["lens.pretrain_run"] == out["pretrain_run_id"]
+    assert rl_run.data.tags["lens.rl_prompts_dvc_hash"] == out["rl_prompts_dvc_hash"]
+    assert rl_run.data.tags["lens.reward_hacking"] in ("true", "false")
+    assert {"rl/reward", "rl/diversity", "gold/reward", "rubric/structural_integrity",
+            "compute/flops_total", "loss/kl"} <= set(rl_run.data.metrics)
+    assert [m.step for m in client.get_metric_history(rl_run.info.run_id, "gold/reward")] == [
+        0, 1, 2]
+    rl_arts = {a.path for a in client.list_artifacts(rl_run.info.run_id)}
+    assert {"adapter", "samples"} <= rl_arts
+    assert {a.path for a in client.list_artifacts(rl_run.info.run_id, "samples")} == {
+        f"samples/gold-step-0000000{i}.png" for i in range(3)}
+    assert rl_run.data.params["rl.lora_rank"] == "4"
     assert Path(out["eval_grid"]).is_file() and out["aliases"] == ["candidate", "champion"]
     ev = [r for r in children if r.data.tags["lens.stage"] == "evaluate"][0]
     assert ev.data.tags["lens.eval_hash"] == out["eval_hash"] and "eval/overall" in ev.data.metrics
@@ -64,7 +84,10 @@ def test_tiny_pipeline_trains_and_tracks(prefect_server, dvc_repo: Path, capsys,
     assert mv.tags["lens.run.pretrain"] == out["pretrain_run_id"] and "eval.colors" in mv.tags
     by_stage = {r.data.tags["lens.stage"]: r.info.run_id for r in children}
     assert {k.removeprefix("lens.run.") for k in mv.tags if k.startswith("lens.run.")} == {
-        "data", "vae", "pretrain", "evaluate"} and mv.tags["lens.run.vae"] == by_stage["vae"]
+        "data", "vae", "pretrain", "rl_prompts", "rl", "evaluate"}
+    assert mv.tags["lens.run.vae"] == by_stage["vae"] and mv.tags["lens.run.rl"] == by_stage["rl"]
+    assert mv.tags["lens.rl_prompts_dvc_hash"] == out["rl_prompts_dvc_hash"]
+    assert "DiffusionNFT" in mv.description and "pretrained" in mv.description
     assert mv.tags["lens.prefect_flow_run_id"] and mv.tags["lens.git_commit"]
     assert "Shapes-GenEval" in mv.description
     reqs = Path(mlflow.pyfunc.get_model_dependencies(f"models:/{out['model']}/{out['version']}"))

@@ -323,14 +323,19 @@ def describe_spec(spec: dict[str, Any]) -> str:
     return text
 
 
-def verify(image: ImageLike, spec: dict[str, Any]) -> tuple[bool, str]:
-    """Whether ``image`` satisfies ``spec`` (a ``Prompt.spec``), and what was found vs asked."""
-    check_spec(spec)
+def read_scene(image: ImageLike) -> tuple[list[Detection], Scene]:
+    """Objects in ``image`` and the ``Scene`` they make (with the measured background)."""
     rgb = as_rgb_array(image)
     index = classify_pixels(rgb)
     background, tone = background_tone(index)
     detections = _detect(rgb, index, tone)
-    scene = to_scene(detections, rgb.shape[1], rgb.shape[0], background)
+    return detections, to_scene(detections, rgb.shape[1], rgb.shape[0], background)
+
+
+def verify(image: ImageLike, spec: dict[str, Any]) -> tuple[bool, str]:
+    """Whether ``image`` satisfies ``spec`` (a ``Prompt.spec``), and what was found vs asked."""
+    check_spec(spec)
+    detections, scene = read_scene(image)
     ok = satisfies(spec, scene)
     places = spec.get("relation") is not None
     reason = f"found {describe_found(detections, places)}; asked {describe_spec(spec)}"

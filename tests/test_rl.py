@@ -1,0 +1,241 @@
+"""RL post-training pieces on real tiny components: the group reward normalisation, the
+DiffusionNFT loss's direction, LoRA merging, the shapes judge, and the RL program resuming
+exactly from a checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image, ImageFilter
+from safetensors.torch import load_file
+
+from lens_model.data.captions import prompt_set
+from lens_model.data.world import Obj, Scene, render
+from lens_model.denoiser import LensDenoiser
+from lens_model.flow_matching import velocity_loss
+from lens_model.recipe import load_recipe
+from lens_model.rl.judge import ShapesJudge, answer
+from lens_model.rl.nft import NFTPolicy, adapters_off, merged, nft_loss, normalise_rewards
+from lens_model.rl.prompts import build_prompts, write_prompts
+from lens_model.rl.rubrics import INTEGRITY, RubricError, check_rubrics
+from lens_model.text_encoder import LanguageEncoder
+from lens_model.train.pretrain import save_final
+from lens_model.transformer import LensTransformer2DModel
+from lens_model.vae import SemanticVAE
+from tests.conftest import REPO, trainer_env
+
+RL_SHORT = ["rl.num_prompts=24", "rl.groups=2", "rl.group_size=2", "rl.sample_steps=2",
+            "rl.steps=4", "rl.ckpt_every=2", "rl.keep_last=3", "rl.gold_every=2",
+            "rl.gold_prompts=2", "rl.lora_rank=4", "rl.lora_alpha=8", "rl.sizes=[32x32,40x24]"]
+
+
+def tiny_denoiser(seed: int = 0) -> LensDenoiser:
+    """A tiny denoiser with small random weights everywhere (off adaLN-zero, so LoRA's
+    gradients reach the output)."""
+    torch.manual_seed(seed)
+    recipe = load_recipe("tiny")
+    te = recipe.text_encoder
+    encoder = LanguageEncoder.from_spec(te.path, list(te.layers), 128, te.max_length)
+    transformer = LensTransformer2DModel.from_preset("tiny", in_channels=8, pooled_text=True)
+    for p in transformer.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    return LensDenoiser(transformer, encoder.connector)
+
+
+def packed_inputs(seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Two samples packed in one row: 16 and 8 image tokens, 5 and 3 text tokens."""
+    g = torch.Generator().manual_seed(seed)
+    img = torch.randn(1, 24, 32, generator=g)
+    seg = torch.tensor([[0] * 16 + [1] * 8])
+    pos = torch.stack([torch.zeros(24), torch.cat([torch.arange(4).repeat_interleave(4),
+                                                   torch.arange(2).repeat_interleave(4)]),
+                       torch.cat([torch.arange(4).repeat(4), torch.arange(4).repeat(2)])],
+                      dim=-1)[None].long()
+    txt = torch.randn(1, 8, 768, generator=g)
+    txt_seg = torch.tensor([[0] * 5 + [1] * 3])
+    txt_pos = torch.stack([torch.tensor([1, 2, 3, 4, 5, 1, 2, 3]), torch.zeros(8),
+                           torch.zeros(8)], dim=-1)[None].long()
+    t = torch.tensor([[0.3, 0.8]])
+    return img, txt, t, seg, txt_seg, pos, txt_pos
+
+
+def test_rewards_are_normalised_per_group_into_zero_one() -> None:
+    raw = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.5, 0.5], [1.0, float("nan"), 0.0, 0.5]])
+    r = normalise_rewards(raw, adv_clip=1.0)
+    # group 0: mean 0.25, std 0.433: (1 - 0.25) / 0.433 = 1.73 -> clipped to 1 -> r = 1
+    assert r[0, 0] == 1.0 and r[0, 1] == pytest.approx(0.5 + 0.5 * (-0.25 / 0.4330127))
+    assert torch.equal(r[1], torch.full((4,), 0.5))  # all alike: no signal
+    assert r[2, 1].isnan() and r[2, 0] == 1.0 and r[2, 2] == 0.0 and r[2, 3] == 0.5
+    wide = normalise_rewards(raw[:1], adv_clip=4.0)  # Z = 4 std: nothing saturates
+    assert 0.5 < wide[0, 0] < 1.0
+
+
+def test_the_nft_loss_pulls_toward_good_samples_and_away_from_bad_ones() -> None:
+    """At v = v_old (beta 1) the gradient is (2r - 1) times the plain flow-matching loss's:
+    r = 1 descends the error, r = 0 ascends it, r = 1/2 leaves it."""
+    target = torch.randn(24, 32)
+    seg = torch.tensor([0] * 16 + [1] * 8)
+    v_old = torch.randn(24, 32)
+    plain = v_old.clone().requires_grad_(True)
+    velocity_loss(plain, target, segment_ids=seg).backward()
+    for r in (1.0, 0.0, 0.5, 0.8):
+        v = v_old.clone().requires_grad_(True)
+        loss, parts = nft_loss(v, v_old, v_old, target, torch.full((2,), r), seg, 1.0, 0.0)
+        loss.backward()
+        torch.testing.assert_close(v.grad, (2 * r - 1) * plain.grad)
+        assert set(parts) == {"loss/positive", "loss/negative", "loss/kl"}
+
+
+def test_lora_policy_merges_into_the_plain_model_and_switches_off() -> None:
+    policy = NFTPolicy(tiny_denoiser(), rank=4, alpha=8, targets=["qkv", "out", "gate_up",
+                                                                  "down"])
+    trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    args = packed_inputs()
+    base = policy(*args).detach()
+    with torch.no_grad():
+        for name, p in policy.denoiser.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    adapted = policy(*args).detach()
+    assert (adapted - base).abs().max() > 1e-3  # the adapter changes the output
+    torch.testing.assert_close(policy.base(*args), base)  # LoRA off: the base model
+    torch.testing.assert_close(policy.old(*args), base)  # the old copy is still B = 0
+    plain = merged(policy.denoiser)
+    assert not any("lora" in n for n, _ in plain.named_parameters())
+    torch.testing.assert_close(plain(*args), adapted, atol=1e-5, rtol=1e-5)
+    policy.update_old(0.0)
+    torch.testing.assert_close(policy.old(*args), adapted, atol=1e-6, rtol=1e-6)
+    with adapters_off(policy.denoiser):
+        torch.testing.assert_close(policy(*args), base)
+
+
+def test_lora_targets_that_match_nothing_are_named() -> None:
+    with pytest.raises(ValueError, match="rl.lora_targets"):
+        NFTPolicy(tiny_denoiser(), rank=4, alpha=8, targets=["no_such_layer"])
+
+
+def test_the_shapes_judge_answers_each_rubric_and_integrity() -> None:
+    scene = Scene((Obj("circle", "red", "small", 0.25, 0.5), Obj("star", "blue", "medium", 0.75,
+                                                                 0.5)), "light grey", "plain")
+    image = render(scene, 64, 64)
+    rubrics = {"red_circle": {"kind": "count", "shape": "circle", "color": "red", "count": 1},
+               "circle_left": {"kind": "relation", "a": {"shape": "circle", "color": None},
+                               "type": "left of", "b": {"shape": "star", "color": "blue"}},
+               "two": {"kind": "total", "count": 2},
+               "green_star": {"kind": "color", "shape": "star", "color": "green"},
+               "big_star": {"kind": "size", "shape": "star", "size": "large"},
+               "red": {"kind": "present", "shape": None, "color": "red"}}
+    check_rubrics(rubrics, "p0")
+    spec = {"objects": [{"shape": "circle", "color": "red", "count": 1},
+                        {"shape": "star", "color": None, "count": 1}], "relation": None}
+    verdict = ShapesJudge().judge([image], [rubrics], [spec])[0]
+    assert verdict.passed == {"red_circle": True, "circle_left": True, "two": True,
+                              "green_star": False, "big_star": False, "red": True,
+                              INTEGRITY: True}
+    assert verdict.reward == pytest.approx(5 / 7)
+    only_circle = {"objects": [{"shape": "circle", "color": None, "count": 1}],
+                   "relation": None}
+    stray = ShapesJudge().judge([image], [rubrics], [only_circle])[0]
+    assert not stray.passed[INTEGRITY] and "stray blue star" in stray.reasons[INTEGRITY]
+    smeared = image.filter(ImageFilter.GaussianBlur(3))
+    assert not ShapesJudge().judge([smeared], [rubrics], [spec])[0].passed[INTEGRITY]
+
+
+def test_ground_truth_renders_pass_integrity_and_a_blank_frame_has_nothing() -> None:
+    judge = ShapesJudge()
+    prompts = prompt_set(4, 0)
+    images = [render(p.scene, 32, 32) for p in prompts]
+    verdicts = judge.judge(images, [{"any": {"kind": "total", "count": 1}}] * len(prompts),
+                           [p.spec for p in prompts])
+    assert all(v.passed[INTEGRITY] for v in verdicts)
+    blank = Image.new("RGB", (32, 32), (214, 214, 214))
+    assert answer({"kind": "total", "count": 1}, ()) is False
+    assert not judge.judge([blank], [{"red": {"kind": "present", "shape": None,
+                                              "color": "red"}}], [None])[0].passed["red"]
+
+
+def test_bad_rubrics_are_named() -> None:
+    with pytest.raises(RubricError, match="prompt 'p1' has no rubric"):
+        check_rubrics({}, "p1")
+    with pytest.raises(RubricError, match="rubric 'c'.*colour 'teal' is not in the shapes world"):
+        check_rubrics({"c": {"kind": "color", "shape": "circle", "color": "teal"}}, "p2")
+    with pytest.raises(RubricError, match="shape 'hexagon'"):
+        check_rubrics({"n": {"kind": "count", "shape": "hexagon", "color": None, "count": 2}},
+                      "p3")
+    with pytest.raises(RubricError, match="at most 10"):
+        check_rubrics({f"r{i}": {"kind": "total", "count": 1} for i in range(11)}, "p4")
+
+
+# --- the whole program: N steps straight == resumed from the checkpoint at N/2 ---------------
+
+@pytest.fixture(scope="module")
+def rl_inputs(tmp_path_factory) -> tuple[Path, Path, list[str]]:
+    """A random tiny model saved as a training final/, and a small RL prompt set."""
+    root = tmp_path_factory.mktemp("rl")
+    recipe = load_recipe("tiny", RL_SHORT)
+    torch.manual_seed(0)
+    vae = SemanticVAE.tiny(latent_channels=8, downsample=4).eval()
+    vae.save_pretrained(root / "vae")
+    final = save_final(root / "pretrain", tiny_denoiser(), recipe, str(root / "vae"), 0)
+    prompts = write_prompts(build_prompts(recipe), root / "prompts" / "prompts.parquet")
+    return final, prompts, RL_SHORT
+
+
+def _program(inputs, run: Path, *overrides: str) -> subprocess.CompletedProcess:
+    final, prompts, short = inputs
+    recipe = load_recipe("tiny", [*short, *overrides])
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
+    args = ["--params", str(run / "recipe.yaml"), "--model", str(final), "--prompts",
+            str(prompts), "--run-dir", str(run)]
+    return subprocess.run([sys.executable, str(REPO / "lens_model" / "train" / "rl.py"), *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=trainer_env())
+
+
+def _events(inputs, run: Path) -> list[dict]:
+    proc = _program(inputs, run)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+
+
+def test_the_rl_program_resumed_at_half_matches_the_straight_run(rl_inputs, tmp_path) -> None:
+    straight = _events(rl_inputs, tmp_path / "straight")
+    ckpts = tmp_path / "straight" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000002", "step-00000004"]
+    shutil.copytree(ckpts / "step-00000002", tmp_path / "resumed" / "checkpoints" / "step-00000002")
+    resumed = _events(rl_inputs, tmp_path / "resumed")
+    assert resumed[0]["resumed_from"].endswith("step-00000002")
+
+    def weights(run: Path, name: str) -> dict[str, torch.Tensor]:
+        return load_file(run / name)
+
+    for name in ("final/transformer/diffusion_pytorch_model.safetensors",
+                 "adapter/adapter.safetensors"):
+        a, b = weights(tmp_path / "straight", name), weights(tmp_path / "resumed", name)
+        assert a.keys() == b.keys()
+        assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+    def metrics(events: list[dict], step: int) -> dict:
+        return [e["metrics"] for e in events if e.get("step") == step and "train/loss"
+                in e.get("metrics", {})][-1]
+
+    for step in (3, 4):  # the same prompts, rollouts, rewards, noise and timesteps
+        for key in ("train/loss", "rl/reward", "rl/diversity"):
+            assert metrics(resumed, step)[key] == pytest.approx(metrics(straight, step)[key],
+                                                                abs=1e-6)
+    assert metrics(resumed, 4)["compute/flops_total"] == metrics(straight, 4)["compute/flops_total"]
+    final = [e["final"] for e in straight if "final" in e][0]
+    assert [g[0] for g in final["gold"]] == [0, 2, 4]  # the gold set before, during and after
+    lens = json.loads((Path(final["model_dir"]) / "lens.json").read_text())
+    assert lens["rl"]["guidance"] is None and lens["rl"]["steps"] == 4
+    grids = sorted(p.name for p in (tmp_path / "straight" / "samples").iterdir())
+    assert grids == ["gold-step-00000000.png", "gold-step-00000002.png", "gold-step-00000004.png"]
