@@ -6,8 +6,8 @@
 It runs the recipe's pipeline (data -> vae -> pretrain -> rl -> evaluate -> ...): a pretrained
 model that exists (the same pretrain job finished before) is reused, not retrained. Scores are
 on shapes-GenEval's held-out prompts (the RL prompt set excludes every one of them, which the
-bench checks): the pretrained model under the recipe's protocol (with its CFG) and without CFG,
-and the RL model without CFG (DiffusionNFT trains a CFG-free model). It also reports the gold
+bench checks): the pretrained and the RL model under the recipe's protocol, and both without
+CFG too (RL's rollouts are drawn without it). It also reports the gold
 set's reward before and after, the per-category changes, the RL stage's wall time and the
 fidelity target: overall +0.10, no category down by more than 0.04, within 45 minutes of RL.
 """
@@ -50,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     pipeline_s = time.perf_counter() - start
     protocol = EvalProtocol.from_recipe(recipe.eval)
     no_cfg = replace(protocol, cfg=0.0)
-    before_no_cfg = evaluate(pipeline_generator(load_pipeline(result["pretrained_dir"]), no_cfg),
-                             no_cfg).scores
+    before_no_cfg, after_no_cfg = (
+        evaluate(pipeline_generator(load_pipeline(model), no_cfg), no_cfg).scores
+        for model in (result["pretrained_dir"], result["model_dir"]))
     before, after = result["pretrained_scores"], result["scores"]
     rl_prompts = {p.text for p in read_prompts(Path(result["rl_prompts_path"]))}
     leaked = sorted(rl_prompts & {p.text for p in protocol.prompts()})
@@ -61,9 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     out = {"benchmark": "rl_bench", "recipe": args.recipe, "recipe_hash": recipe.hash(),
            "overrides": args.overrides, "cpus": os.cpu_count(),
            "eval_hash": {"pretrained": protocol.hash(), "no_cfg": no_cfg.hash()},
-           "pretrained": before, "pretrained_no_cfg": before_no_cfg, "rl": after,
-           "gain_overall": gain, "gain_overall_vs_no_cfg": after["overall"]
-           - before_no_cfg["overall"], "category_drop": drops,
+           "pretrained": before, "rl": after, "pretrained_no_cfg": before_no_cfg,
+           "rl_no_cfg": after_no_cfg, "gain_overall": gain,
+           "gain_overall_no_cfg": after_no_cfg["overall"] - before_no_cfg["overall"],
+           "category_drop": drops,
            "gold_before": result["rl"]["gold_before"], "gold_after": result["rl"]["gold_after"],
            "reward_hacking": result["rl"]["reward_hacking"], "rl_stage_s": rl_s,
            "stages_s": result["stages"], "pipeline_s": pipeline_s,

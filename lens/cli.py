@@ -103,7 +103,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"{HACKING if result['rl']['reward_hacking'] else ''})",
         f"scores    {_scores(result['scores'])}  (eval {result['eval_hash']}, "
         f"{result['seconds_per_image']:.3f} s/image)",
-        f"before rl {_scores(result['pretrained_scores'])}  (the pretrained model, with CFG)",
+        f"before rl {_scores(result['pretrained_scores'])}  (the pretrained model)",
         f"untrained {_scores(result['baseline_scores'])}",
         f"grid      {result['eval_grid']}",
         f"registry  {result['model']} v{result['version']} "

@@ -54,20 +54,19 @@ def _eval_inputs(params: dict[str, Any]) -> dict[str, Any]:
 @task(name="evaluate", persist_result=True, cache_policy=keyed_by(_eval_inputs, EVAL_CODE))
 def evaluate_stage(tree: dict[str, Any], model_dir: str, dvc_hash: str,
                    parent_run_id: str = "", pretrained_dir: str = "") -> dict[str, Any]:
-    """Score ``model_dir`` (a training final/ folder) and the untrained baseline under the
-    model's protocol (a CFG-free RL model: no CFG), and ``pretrained_dir`` (the model RL
-    started from) under the recipe's own protocol beside them."""
+    """Score ``model_dir`` (a training final/ folder), the untrained baseline and, beside
+    them, ``pretrained_dir`` (the model RL started from), all under the recipe's protocol."""
     recipe = Recipe.model_validate(tree)
     logger = get_run_logger()
-    protocol = EvalProtocol.for_model(recipe.eval, model_dir)
+    protocol = EvalProtocol.from_recipe(recipe.eval)
     start = time.perf_counter()
     pipe = load_pipeline(model_dir)
     report = evaluate(pipeline_generator(pipe, protocol), protocol)
     baseline = evaluate(pipeline_generator(untrained_like(pipe, recipe.seed), protocol), protocol)
     pretrained = None
     if pretrained_dir:
-        before = EvalProtocol.for_model(recipe.eval, pretrained_dir)
-        pretrained = evaluate(pipeline_generator(load_pipeline(pretrained_dir), before), before)
+        pretrained = evaluate(pipeline_generator(load_pipeline(pretrained_dir), protocol),
+                              protocol)
     ceiling = reconstruction_ceiling(pipe.semantic_vae.reconstruct, protocol,
                                      recipe.data.backgrounds, recipe.data.patterns)
     compute_s = time.perf_counter() - start
@@ -85,8 +84,6 @@ def evaluate_stage(tree: dict[str, Any], model_dir: str, dvc_hash: str,
         mlflow.log_metrics(_metrics("eval", report) | _metrics("baseline", baseline)
                            | (_metrics("pretrained", pretrained) if pretrained else {})
                            | {f"ceiling/{k}": v for k, v in ceiling.items()})
-        if pretrained:
-            mlflow.set_tag("lens.pretrained_eval_hash", pretrained.protocol.hash())
         mlflow.log_artifact(str(grid), "eval")
         mlflow.log_artifact(str(out_dir / "report.json"), "eval")
     logger.info(f"eval {protocol.hash()}: {report.scores} (untrained {baseline.scores}, VAE "
@@ -94,8 +91,6 @@ def evaluate_stage(tree: dict[str, Any], model_dir: str, dvc_hash: str,
     return {"run_id": run.info.run_id, "scores": report.scores,
             "baseline_scores": baseline.scores, "ceiling_scores": ceiling,
             "pretrained_scores": pretrained.scores if pretrained else None,
-            "pretrained_eval_hash": pretrained.protocol.hash() if pretrained else None,
-            "cfg": protocol.cfg,
             "seconds_per_image": report.seconds_per_image,
             "eval_hash": protocol.hash(), "grid": str(grid),
             "compute_s": compute_s}

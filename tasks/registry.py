@@ -41,14 +41,13 @@ def requirements() -> list[str]:
     return [f"{name}=={installed_version(name).split('+')[0]}" for name in RUNTIME]
 
 
-def signature(recipe: Recipe, cfg: float) -> ModelSignature:
-    """Prompts in, PNG bytes out; sampling settings as params defaulting to the eval's, CFG
-    to the model's own (``cfg``: 0 for a CFG-free RL model)."""
+def signature(recipe: Recipe) -> ModelSignature:
+    """Prompts in, PNG bytes out; sampling settings as params defaulting to the eval's."""
     e = recipe.eval
     return ModelSignature(
         inputs=Schema([ColSpec("string", "prompt")]),
         outputs=Schema([ColSpec("string", "prompt"), ColSpec("binary", "image")]),
-        params=ParamSchema([ParamSpec("steps", "long", e.steps), ParamSpec("cfg", "double", cfg),
+        params=ParamSchema([ParamSpec("steps", "long", e.steps), ParamSpec("cfg", "double", e.cfg),
                             ParamSpec("size", "string", e.size), ParamSpec("seed", "long", 0)]))
 
 
@@ -62,11 +61,9 @@ def model_card(recipe: Recipe, tags: dict[str, str], evaluation: dict[str, Any])
                      for k, v in scores.items())
     lineage = "\n".join(f"- `{k}`: {v}" for k, v in sorted(tags.items()))
     e = recipe.eval
-    cfg = evaluation.get("cfg", e.cfg)
     stages = ("rectified flow, then DiffusionNFT RL with rubric rewards on a LoRA adapter "
-              "(merged; drawn without CFG)" if before else "rectified flow")
-    pretrained = (f" | pretrained (protocol `{evaluation['pretrained_eval_hash']}`) |\n"
-                  "|---|---|---|---|" if before else " |\n|---|---|---|")
+              "(merged into the weights)" if before else "rectified flow")
+    pretrained = " | before RL |\n|---|---|---|---|" if before else " |\n|---|---|---|"
     return f"""# {recipe.tracking.model_name}: Lens `{recipe.name}` recipe
 
 A Lens MMDiT ({recipe.model.preset} preset) trained with {stages} on the
@@ -75,7 +72,7 @@ A Lens MMDiT ({recipe.model.preset} preset) trained with {stages} on the
 
 ## Shapes-GenEval
 Protocol `{evaluation['eval_hash']}`: {e.prompts_per_category} prompts per category (seed
-{e.prompt_seed}), {e.size}, {e.steps} {e.sampler} steps, CFG {cfg}, seed {e.seed}.
+{e.prompt_seed}), {e.size}, {e.steps} {e.sampler} steps, CFG {e.cfg}, seed {e.seed}.
 
 | category | score | untrained{pretrained}
 {rows}
@@ -90,7 +87,7 @@ Latency: {evaluation['seconds_per_image']:.3f} s per image at these settings.
 import mlflow, pandas as pd
 model = mlflow.pyfunc.load_model("models:/{recipe.tracking.model_name}@candidate")
 out = model.predict(pd.DataFrame({{"prompt": ["a photo of a red circle"]}}),
-                    params={{"steps": {e.steps}, "cfg": {cfg}, "size": "{e.size}", "seed": 0}})
+                    params={{"steps": {e.steps}, "cfg": {e.cfg}, "size": "{e.size}", "seed": 0}})
 ```
 """
 
@@ -129,8 +126,7 @@ def register(tree: dict[str, Any], model_dir: str, dvc_hash: str, evaluation: di
                               tags=lineage | {"lens.stage": "register"}) as run:
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(PYFUNC), artifacts={"pipeline": str(pipeline_dir)},
-                signature=signature(recipe, evaluation.get("cfg", recipe.eval.cfg)),
-                pip_requirements=requirements(),
+                signature=signature(recipe), pip_requirements=requirements(),
                 registered_model_name=name)
             mlflow.log_text(card, "model_card.md")
             mlflow.log_dict(evaluation["scores"], "eval_scores.json")

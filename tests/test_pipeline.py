@@ -49,7 +49,7 @@ def test_tiny_pipeline_trains_and_tracks(prefect_server, dvc_repo: Path, capsys,
     assert config["pooled_text"] is True  # the tiny recipe's model.pooled_text reached the model
     assert (model / "connector.safetensors").exists()
     lens_json = json.loads((model / "lens.json").read_text())
-    assert lens_json["step"] == 2 and lens_json["rl"]["guidance"] is None  # the RL model
+    assert lens_json["step"] == 2 and lens_json["rl"]["steps"] == 2  # the RL model
     assert Path(out["pretrained_dir"]).name == "final" and out["pretrained_dir"] != str(model)
 
     client = mlflow.MlflowClient()

@@ -17,13 +17,14 @@ from PIL import Image, ImageFilter
 from safetensors.torch import load_file
 
 from lens_model.data.captions import prompt_set
-from lens_model.data.world import Obj, Scene, render
+from lens_model.data.world import SHAPES, Obj, Scene, render
 from lens_model.denoiser import LensDenoiser
+from lens_model.eval.verifier import read_scene
 from lens_model.flow_matching import velocity_loss
 from lens_model.recipe import load_recipe
-from lens_model.rl.judge import ShapesJudge, answer
+from lens_model.rl.judge import ShapesJudge, Verdict, answer
 from lens_model.rl.nft import NFTPolicy, adapters_off, merged, nft_loss, normalise_rewards
-from lens_model.rl.prompts import build_prompts, write_prompts
+from lens_model.rl.prompts import RLPrompt, build_prompts, write_prompts
 from lens_model.rl.rubrics import INTEGRITY, RubricError, check_rubrics
 from lens_model.text_encoder import LanguageEncoder
 from lens_model.train.pretrain import save_final
@@ -236,6 +237,93 @@ def test_the_rl_program_resumed_at_half_matches_the_straight_run(rl_inputs, tmp_
     final = [e["final"] for e in straight if "final" in e][0]
     assert [g[0] for g in final["gold"]] == [0, 2, 4]  # the gold set before, during and after
     lens = json.loads((Path(final["model_dir"]) / "lens.json").read_text())
-    assert lens["rl"]["guidance"] is None and lens["rl"]["steps"] == 4
+    assert lens["rl"]["rollout_cfg"] is None and lens["rl"]["steps"] == 4
     grids = sorted(p.name for p in (tmp_path / "straight" / "samples").iterdir())
     assert grids == ["gold-step-00000000.png", "gold-step-00000002.png", "gold-step-00000004.png"]
+
+
+# --- the mechanism: RL on one easy rubric moves its pass rate, either way -------------------
+
+BRIEF = ["data.num_samples=512", "data.samples_per_shard=256", "vae.steps=200",
+         "pretrain.steps=600", "pretrain.sample_every=1000", "pretrain.ckpt_every=1000",
+         "pretrain.log_every=100", "tracking.experiment=lens-rl-mechanism"]
+ONE = {"one": {"kind": "total", "count": 1}}  # the prompts below ask for one object each
+
+
+class OneJudge:
+    """One rubric, "exactly one object is drawn", or (``flip``) its negation."""
+
+    def __init__(self, flip: bool = False) -> None:
+        self.flip = flip
+
+    def judge(self, images, rubrics, specs):
+        out = []
+        for image in images:
+            one = answer(ONE["one"], read_scene(image)[1].objects)
+            out.append(Verdict({"one": one != self.flip}, {"one": "judged"}))
+        return out
+
+
+@pytest.fixture(scope="module")
+def brief_model(prefect_server, tmp_path_factory) -> str:
+    """A tiny model trained briefly by the pipeline's own VAE and pretrain stages."""
+    from prefect import flow
+
+    from tasks import dataset
+    from tasks.pretrain import pretrain
+    from tasks.vae import vae_stage
+
+    root = tmp_path_factory.mktemp("brief")
+    recipe = load_recipe("tiny", BRIEF)
+    dataset.prepare_all(recipe, root / "raw")
+    dataset.validate_all(recipe, root / "raw", root / "data")
+    tree = recipe.model_dump(mode="json")
+
+    @flow
+    def brief() -> str:
+        vae = vae_stage(tree, str(root / "data"), "brief")
+        return pretrain(tree, str(root / "data"), vae["dir"], "brief")["model_dir"]
+
+    return brief()
+
+
+def _pass_rate(policy, prompts, hidden, vae, recipe) -> float:
+    """Share of held-out seeds' images (no CFG, 32x32) that pass the rubric."""
+    from contextlib import nullcontext
+
+    from lens_model.train.rl import sample_and_judge
+
+    draws = [p for p in prompts for _ in range(8)]
+    _, verdicts, _ = sample_and_judge(policy, draws, [hidden[p.prompt_id] for p in draws],
+                                      [(32, 32)] * len(draws), [90_000 + i for i in
+                                                                range(len(draws))],
+                                      vae, OneJudge(), recipe, nullcontext)
+    return sum(v.passed["one"] for v in verdicts) / len(verdicts)
+
+
+@pytest.mark.parametrize(("flip", "steps"), [(False, 40), (True, 15)])
+def test_rl_on_one_rubric_moves_its_pass_rate(brief_model, tmp_path, flip, steps) -> None:
+    """RL on "exactly one object" (the prompts ask for one) raises its pass rate by at least
+    0.3 on the prompts' held-out seeds (0.10 -> 0.39 in 30 Heun-sampled steps); with the
+    reward flipped it lowers it, at least by half (drawing nothing or clutter is easy)."""
+    from lens_model.train.rl import encode_prompts, load_parts, train_rl
+
+    recipe = load_recipe("tiny", [*BRIEF, f"rl.steps={steps}", "rl.lr=0.002", "rl.sampler=euler",
+                                  "rl.gold_every=1000", "rl.ckpt_every=1000",
+                                  "rl.sizes=[32x32]"])
+    texts = [f"a photo of {a} {s}" for s in SHAPES for a in ("a", "a red", "a big", "a blue")]
+    prompts = [RLPrompt(f"p{i}", "train", "objects", "single", f"objects/single/{i}", text,
+                        ("count",), ONE, None) for i, text in enumerate(texts)]
+    denoiser, encoder, vae, meta = load_parts(brief_model)
+    hidden = encode_prompts(encoder, prompts)
+    holder = torch.nn.Module()
+    holder.denoiser = denoiser
+    before = _pass_rate(holder, prompts, hidden, vae, recipe)
+    policy = train_rl(recipe, tmp_path / "rl", denoiser, encoder, vae, prompts,
+                      OneJudge(flip), meta["vae"], brief_model)
+    after = _pass_rate(policy, prompts, hidden, vae, recipe)
+    print(f"one-object share {before:.3f} -> {after:.3f} (flip={flip})")
+    if flip:
+        assert after <= before / 2 and after < before - 0.05, (before, after)
+    else:
+        assert after >= before + 0.3, (before, after)

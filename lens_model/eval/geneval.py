@@ -14,7 +14,6 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -57,18 +56,6 @@ class EvalProtocol:
         width, height = parse_size(section.size)
         return cls(section.prompts_per_category, section.prompt_seed, width, height,
                    section.steps, section.cfg, section.sampler, section.seed)
-
-    @classmethod
-    def for_model(cls, section: EvalSection, model_dir: str | Path) -> EvalProtocol:
-        """The recipe's protocol as ``model_dir`` (a training final/) is meant to be drawn:
-        without CFG for a CFG-free model (an RL model: its lens.json's ``rl.guidance`` is
-        null), as the recipe says otherwise."""
-        protocol = cls.from_recipe(section)
-        meta_path = Path(model_dir) / "lens.json"
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        if "rl" in meta and meta["rl"].get("guidance") is None:
-            return replace(protocol, cfg=0.0)
-        return protocol
 
     @classmethod
     def from_params(cls, params: dict[str, str]) -> EvalProtocol:

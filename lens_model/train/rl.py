@@ -289,6 +289,7 @@ def train_rl(recipe: Recipe, run: Path, denoiser: LensDenoiser, encoder: Any, va
     with ``judge``'s rewards, logging to ``run``; saves ``run/final`` (merged, on rank 0) and
     ``run/adapter``, and returns the policy."""
     rl = recipe.rl
+    run.mkdir(parents=True, exist_ok=True)
     train = [p for p in prompts if p.split == "train"]
     gold = [p for p in prompts if p.split == "gold"][:rl.gold_prompts]
     hidden = encode_prompts(encoder, train + gold)
@@ -366,9 +367,11 @@ def train_rl(recipe: Recipe, run: Path, denoiser: LensDenoiser, encoder: Any, va
     step = trainer.fit(rollouts, rl.steps, on_step, on_save)
     if trainer.rank == 0:
         final = save_final(run, merged(policy.denoiser), recipe, vae_dir, step)
-        info = {"from": source, "steps": step, "guidance": None,
-                "sampler": rl.sampler, "lora": {"rank": rl.lora_rank, "alpha": rl.lora_alpha,
-                                                "targets": list(rl.lora_targets)}}
+        # Rollouts are drawn without CFG (DiffusionNFT is CFG-free); the model still takes
+        # CFG at inference, as the Lens paper's RL model is scored (20 steps, CFG 5).
+        info = {"from": source, "steps": step, "rollout_cfg": None, "sampler": rl.sampler,
+                "lora": {"rank": rl.lora_rank, "alpha": rl.lora_alpha,
+                         "targets": list(rl.lora_targets)}}
         atomic.write_json(final / "lens.json", {**json.loads((final / "lens.json").read_text()),
                                                 "rl": info})
         with atomic.atomic_dir(run / "adapter") as tmp:
@@ -422,7 +425,6 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"launch.device is {recipe.launch.device!r} but DeepSpeed's accelerator "
                          f"is {accel!r}; set DS_ACCELERATOR={recipe.launch.device} (the rl task "
                          f"does) or change launch.device in the recipe")
-    run.mkdir(parents=True, exist_ok=True)
     omp = os.environ.get("OMP_NUM_THREADS", "")
     threads = int(omp) if omp.isdigit() else 0
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // max(1, _rank_world()[1])))
