@@ -75,12 +75,9 @@ def _scores(scores: dict[str, float]) -> str:
 HACKING = "; REWARD HACKING: the gold score fell while the training reward rose"
 
 
-def _num(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.pipeline import run
+    from tasks.report import number as _num
 
     result = run(args.recipe, args.overrides, args.repo)
     keys = ("dvc_hash", "valid", "quarantined", "mlflow_run_id", "manifest", "model_dir",
@@ -98,7 +95,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"vae       {result['vae_dir']}",
         f"pretrained {result['pretrained_dir']}  (pretrain run {result['pretrain_run_id']}, "
         f"job {result['pretrain_job']})",
-        f"rl        {result['model_dir']}  (rl run {result['rl_run_id']}; gold reward "
+        f"rl        {result['model_dir']}  (rl run {result['rl_run_id']}; reward "
+        f"{_num(result['rl']['reward_start'])} -> {_num(result['rl']['reward_end'])}, gold "
         f"{_num(result['rl']['gold_before'])} -> {_num(result['rl']['gold_after'])}"
         f"{HACKING if result['rl']['reward_hacking'] else ''})",
         f"scores    {_scores(result['scores'])}  (eval {result['eval_hash']}, "

@@ -11,6 +11,11 @@ from prefect.artifacts import create_markdown_artifact
 import mlflow
 
 
+def number(value: float | None) -> str:
+    """A score to three places, or "-" where there is none."""
+    return "-" if value is None else f"{value:.3f}"
+
+
 def run_link(run_id: str) -> str:
     """A markdown link to the run in the MLflow UI (``LENS_MLFLOW_UI``, default
     mlflow/local-ui.sh's address)."""
@@ -25,21 +30,29 @@ def pipeline_report(recipe: str, result: dict[str, Any], runs: dict[str, str]) -
     links = {stage: run_link(run_id) for stage, run_id in runs.items()}
     rows = "\n".join(f"| {stage} | {seconds:.1f} | {links.get(stage, '')} |"
                      for stage, seconds in result["stages"].items())
-    scores = "\n".join(f"| {k} | {v:.3f} | {result['baseline_scores'].get(k, 0.0):.3f} |"
+    before = result["pretrained_scores"]
+    scores = "\n".join(f"| {k} | {v:.3f} | {before.get(k, 0.0):.3f} | "
+                       f"{result['baseline_scores'].get(k, 0.0):.3f} |"
                        for k, v in result["scores"].items())
     promotion = result["promotion"]
+    rl = result["rl"]
+    hacking = ("\n\n**Reward hacking:** the RL run's gold score fell while its training reward "
+               "rose; check its sample grids before promoting." if rl["reward_hacking"] else "")
     markdown = f"""# Lens pipeline: `{recipe}`
 
 Parent MLflow run {run_link(result['parent_run_id'])}; model `{result['model']}` version
 {result['version']} (aliases: {', '.join(promotion['aliases']) or 'none'};
 {'promoted' if promotion['promoted'] else 'not promoted: ' + promotion.get('reason', '')}).
 
+RL: training reward {number(rl['reward_start'])} -> {number(rl['reward_end'])}, gold set
+{number(rl['gold_before'])} -> {number(rl['gold_after'])}.{hacking}
+
 | stage | seconds | MLflow run |
 |---|---|---|
 {rows}
 
-| shapes-GenEval (`{result['eval_hash']}`) | score | untrained |
-|---|---|---|
+| shapes-GenEval (`{result['eval_hash']}`) | score | before RL | untrained |
+|---|---|---|---|
 {scores}
 """
     return str(create_markdown_artifact(key=f"lens-pipeline-{recipe}", markdown=markdown,

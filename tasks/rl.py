@@ -71,7 +71,7 @@ def rl_task(tree: dict[str, Any], model_dir: str, prompts: dict[str, Any], dvc_h
     logged = {k: v for k, v in recipe.flat().items() if k.split(".")[0] == "rl"}
     result = tracked_job(recipe, job, run_dir, command(recipe, args, PROGRAM), recipe.rl.steps,
                          tags, logged, on_final)
-    gold = result.get("gold") or []
+    gold = result.get("gold") or []  # (step, gold reward) pairs
     result["gold_before"] = gold[0][1] if gold else None
     result["gold_after"] = gold[-1][1] if gold else None
     return result

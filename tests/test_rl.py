@@ -21,7 +21,7 @@ from lens_model.data.world import SHAPES, Obj, Scene, render
 from lens_model.denoiser import LensDenoiser
 from lens_model.eval.verifier import read_scene
 from lens_model.flow_matching import velocity_loss
-from lens_model.recipe import load_recipe
+from lens_model.recipe import EndpointSection, load_recipe
 from lens_model.rl.judge import ShapesJudge, Verdict, answer
 from lens_model.rl.nft import NFTPolicy, adapters_off, merged, nft_loss, normalise_rewards
 from lens_model.rl.prompts import RLPrompt, build_prompts, write_prompts
@@ -240,6 +240,42 @@ def test_the_rl_program_resumed_at_half_matches_the_straight_run(rl_inputs, tmp_
     assert lens["rl"]["rollout_cfg"] is None and lens["rl"]["steps"] == 4
     grids = sorted(p.name for p in (tmp_path / "straight" / "samples").iterdir())
     assert grids == ["gold-step-00000000.png", "gold-step-00000002.png", "gold-step-00000004.png"]
+
+
+def test_failed_judgements_are_counted_and_left_out_of_the_update(rl_inputs) -> None:
+    """A VLM judge behind a (fake, real-HTTP) endpoint that answers two requests with broken
+    JSON: those rollouts are counted as failed and left out, never scored 0."""
+    import threading
+    from contextlib import nullcontext
+
+    from lens_model.rl.prompts import read_prompts
+    from lens_model.rl.vlm_judge import OpenAIJudge
+    from lens_model.train.rl import Rollouts, encode_prompts, load_parts
+    from tests.fake_openai import FakeOpenAI
+
+    final, prompts_path, short = rl_inputs
+    lock, calls = threading.Lock(), []
+
+    def handler(req: dict) -> str:
+        with lock:
+            calls.append(1)
+            broken = len(calls) <= 2
+        text = req["messages"][1]["content"][0]["text"]
+        names = json.loads(text.split("\n", 1)[1].rsplit("\nAnswer", 1)[0])
+        return "not json" if broken else json.dumps({n: 1 for n in names})
+
+    recipe = load_recipe("tiny", short)
+    denoiser, encoder, vae, _ = load_parts(final)
+    prompts = [p for p in read_prompts(prompts_path) if p.split == "train"]
+    policy = NFTPolicy(denoiser, 4, 8, ["qkv"])
+    with FakeOpenAI(handler) as api:
+        judge = OpenAIJudge(EndpointSection(base_url=api.base_url, model="fake", max_retries=0))
+        source = Rollouts(policy, recipe, prompts, encode_prompts(encoder, prompts), vae, judge,
+                          0, 1, 1, nullcontext)
+        batch = next(iter(source))
+    assert source.stats.metrics["rl/failed_judgements"] == 2.0
+    assert len(batch.latents) == len(batch.rewards) == 2  # 2 groups x 2 images, 2 failed
+    assert not batch.rewards.isnan().any()
 
 
 # --- the mechanism: RL on one easy rubric moves its pass rate, either way -------------------

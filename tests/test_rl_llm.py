@@ -133,8 +133,9 @@ def test_judge_sends_png_and_questions_and_reads_verdicts() -> None:
     images = [Image.new("RGB", (32, 32), "red"), Image.new("RGB", (40, 24), "blue")]
     with FakeOpenAI(handler) as api:
         got = OpenAIJudge(endpoint(api)).judge(images, [RUBRICS, RUBRICS])
-    assert got[0] == {"circle_count": True, "sky": True, INTEGRITY: True}
-    assert got[1] == {"circle_count": False, "sky": False, INTEGRITY: False}
+    assert got[0].passed == {"circle_count": True, "sky": True, INTEGRITY: True}
+    assert got[1].passed == {"circle_count": False, "sky": False, INTEGRITY: False}
+    assert got[0].reward == 1.0 and got[1].reward == 0.0
     questions, image = _asked(api.requests[0])
     assert questions["circle_count"] == "Are there exactly 2 red circles?"
     assert questions["sky"] == "Is the sky blue?" and "stray" in questions[INTEGRITY]
@@ -153,7 +154,7 @@ def test_judge_gives_none_after_retries_never_a_silent_zero() -> None:
     with FakeOpenAI(handler) as api:
         got = OpenAIJudge(endpoint(api, timeout_s=0.4, max_retries=1)).judge(
             images, [RUBRICS] * 3)
-    assert got[0] is not None and all(got[0].values())
+    assert got[0] is not None and all(got[0].passed.values())
     assert got[1] is None and got[2] is None
     assert len(api.requests) == 1 + 2 + 2
 

@@ -29,3 +29,18 @@ def test_render_k8s_and_slurm(tmp_path: Path, capsys) -> None:
     assert "#SBATCH --nodes=2" in script and "--nproc_per_node=4" in script
     with pytest.raises(SystemExit):  # argparse: --target must be k8s or slurm
         cli.main(["train", "render", "tiny", "--target", "nomad"])
+
+
+def test_render_the_rl_stage_on_its_own_node_count(tmp_path: Path) -> None:
+    """lens-3.8b's RL runs on 64 GPUs (rl.nnodes 8), from the pretrain job's final model."""
+    assert cli.main(["train", "render", "lens-3.8b", "--stage", "rl", "--target", "k8s",
+                     "--out", str(tmp_path)]) == 0
+    job_file = next(tmp_path.glob("rl-*.yaml"))
+    job = next(d for d in yaml.safe_load_all(job_file.read_text()) if d)
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    assert specs["Master"]["replicas"] + specs.get("Worker", {}).get("replicas", 0) == 8
+    command = specs["Master"]["template"]["spec"]["containers"][0]["command"]
+    assert "lens_model/train/rl.py" in command
+    model = command[command.index("--model") + 1]
+    assert model.startswith("/workspace/runs/pretrain-lens-3-8b-") and model.endswith("/final")
+    assert command[command.index("--prompts") + 1] == "data/rl_prompts/prompts.parquet"

@@ -20,6 +20,7 @@ from PIL import Image
 
 from lens_model.data.world import PLURALS
 from lens_model.recipe import EndpointSection
+from lens_model.rl.judge import Verdict
 from lens_model.rl.llm import LLMError, chat_json, resolve
 from lens_model.rl.rubrics import INTEGRITY
 
@@ -96,18 +97,21 @@ class OpenAIJudge:
                     {"type": "image_url", "image_url": {"url": png_data_url(image)}}]}]
 
     def judge_one(self, image: Image.Image, rubrics: dict[str, dict],
-                  what: str = "judge image") -> dict[str, bool] | None:
+                  what: str = "judge image") -> Verdict | None:
         names = [*rubrics, INTEGRITY]
         try:
-            return chat_json(self.endpoint, self.messages(image, rubrics), what,
-                             check=lambda answer: _verdicts(answer, names), temperature=0)
+            passed = chat_json(self.endpoint, self.messages(image, rubrics), what,
+                               check=lambda answer: _verdicts(answer, names), temperature=0)
         except LLMError as exc:
             log.warning("%s", exc)
             return None
+        return Verdict(passed, {name: f"{self.endpoint.model or 'VLM'} answered "
+                                f"{int(ok)}" for name, ok in passed.items()})
 
-    def judge(self, images: list[Image.Image],
-              rubrics: list[dict[str, dict]]) -> list[dict[str, bool] | None]:
-        """Per image, ``{rubric: passed}`` with ``INTEGRITY`` added, or None on failure."""
+    def judge(self, images: list[Image.Image], rubrics: list[dict[str, dict]],
+              specs: list[dict | None] | None = None) -> list[Verdict | None]:
+        """Per image, a verdict on its rubrics and ``INTEGRITY``, or None on failure. The
+        prompts' ``specs`` are not read: the VLM judges from the image alone."""
         if len(images) != len(rubrics):
             raise ValueError(f"{len(images)} images but {len(rubrics)} rubric sets; give one "
                              "rubric set per image")

@@ -380,6 +380,8 @@ def train_rl(recipe: Recipe, run: Path, denoiser: LensDenoiser, encoder: Any, va
         events.emit(step=step, final={
             "model_dir": str(final), "adapter_dir": str(run / "adapter"), "steps": step,
             "train_seconds": time.perf_counter() - start, "gold": gold_log.gold,
+            "reward_start": gold_log.mean_reward(rl.gold_every, last=False),
+            "reward_end": gold_log.mean_reward(rl.gold_every, last=True),
             "reward_hacking": gold_log.hacking(rl.gold_every)})
     return policy
 
@@ -393,13 +395,19 @@ class GoldLog:
         self.train: list[float] = []
         self.gold: list[tuple[int, float]] = []
 
+    def mean_reward(self, window: int, last: bool) -> float | None:
+        """The training reward's mean over the first (or ``last``) ``window`` steps."""
+        if not self.train:
+            return None
+        n = max(1, min(window, len(self.train) // 2))
+        return float(np.mean(self.train[-n:] if last else self.train[:n]))
+
     def hacking(self, window: int) -> bool:
         """The training reward rose (mean of the last ``window`` steps against the first) while
         the gold score fell since the first gold evaluation, each by more than the margin."""
         if len(self.gold) < 2 or len(self.train) < 2:
             return False
-        n = max(1, min(window, len(self.train) // 2))
-        rise = np.mean(self.train[-n:]) - np.mean(self.train[:n])
+        rise = self.mean_reward(window, last=True) - self.mean_reward(window, last=False)
         fall = self.gold[0][1] - self.gold[-1][1]
         return bool(rise > self.margin and fall > self.margin)
 
