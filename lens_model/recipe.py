@@ -225,12 +225,12 @@ class PretrainSection(Section):
 
 class EndpointSection(Section):
     """An OpenAI-compatible chat endpoint (vLLM, Ollama, a hosted model). The key is read from
-    the environment variable ``api_key_env``, never from the recipe."""
+    the environment variable ``key_variable``, never from the recipe."""
 
     base_url: str | None = Field(None, description="e.g. http://127.0.0.1:8000/v1; default "
                                  "$LENS_LLM_BASE_URL")
     model: str | None = Field(None, description="model name; default $LENS_LLM_MODEL")
-    api_key_env: str = "LENS_LLM_API_KEY"
+    key_variable: str = "LENS_LLM_API_KEY"
     timeout_s: float = Field(60.0, gt=0)
     max_retries: int = Field(2, ge=0, description="retries after the first try, then fail")
 

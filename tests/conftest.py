@@ -98,6 +98,18 @@ def trainer_env() -> dict[str, str]:
     return {**env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
 
 
+def run_trainer(program: str, args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
+    """``lens_model/train/<program>.py`` on the CPU: one process, or ``nproc`` through
+    torchrun on a free port; its output captured."""
+    from lens_model.train.launch import torchrun_cmd
+
+    script = REPO / "lens_model" / "train" / f"{program}.py"
+    cmd = ([sys.executable, str(script), *args] if nproc == 1 else
+           torchrun_cmd(nproc, script=script, args=args, master_port=free_port()))
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=trainer_env())
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as sock:

@@ -87,7 +87,7 @@ def test_tiny_pipeline_trains_and_tracks(prefect_server, dvc_repo: Path, capsys,
         "data", "vae", "pretrain", "rl_prompts", "rl", "evaluate"}
     assert mv.tags["lens.run.vae"] == by_stage["vae"] and mv.tags["lens.run.rl"] == by_stage["rl"]
     assert mv.tags["lens.rl_prompts_dvc_hash"] == out["rl_prompts_dvc_hash"]
-    assert "DiffusionNFT" in mv.description and "pretrained" in mv.description
+    assert "DiffusionNFT" in mv.description and "before RL" in mv.description
     assert mv.tags["lens.prefect_flow_run_id"] and mv.tags["lens.git_commit"]
     assert "Shapes-GenEval" in mv.description
     reqs = Path(mlflow.pyfunc.get_model_dependencies(f"models:/{out['model']}/{out['version']}"))

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,6 @@ from lens_model.denoiser import LensDenoiser
 from lens_model.features import FeatureCache
 from lens_model.recipe import load_recipe
 from lens_model.text_encoder import LanguageEncoder
-from lens_model.train.launch import torchrun_cmd
 from lens_model.train.pretrain import (
     GRID_PROMPTS,
     LossFn,
@@ -35,7 +33,7 @@ from lens_model.train.pretrain import (
 from lens_model.transformer import LensTransformer2DModel
 from lens_model.vae import SemanticVAE
 from tasks import dataset
-from tests.conftest import REPO, free_port, trainer_env
+from tests.conftest import run_trainer
 
 # long and short captions mixed (the paper keeps long ones only), so both feature paths are read
 RECIPE_OVERRIDES = ["data.num_samples=32", "data.samples_per_shard=16",
@@ -168,11 +166,7 @@ def _program(parts, run: Path, nproc: int, *overrides: str) -> subprocess.Comple
     (run / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
     args = ["--params", str(run / "recipe.yaml"), "--dataset", str(root / "data"),
             "--vae", str(vae_dir), "--run-dir", str(run), "--features", str(root / "features")]
-    program = REPO / "lens_model" / "train" / "pretrain.py"
-    cmd = ([sys.executable, str(program), *args] if nproc == 1 else
-           torchrun_cmd(nproc, script=program, args=args, master_port=free_port()))
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env=trainer_env())
+    return run_trainer("pretrain", args, nproc)
 
 
 def _events(parts, run: Path, nproc: int) -> list[dict]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,7 +29,7 @@ from lens_model.text_encoder import LanguageEncoder
 from lens_model.train.pretrain import save_final
 from lens_model.transformer import LensTransformer2DModel
 from lens_model.vae import SemanticVAE
-from tests.conftest import REPO, trainer_env
+from tests.conftest import run_trainer
 
 RL_SHORT = ["rl.num_prompts=24", "rl.groups=2", "rl.group_size=2", "rl.sample_steps=2",
             "rl.steps=4", "rl.ckpt_every=2", "rl.keep_last=3", "rl.gold_every=2",
@@ -190,30 +189,32 @@ def rl_inputs(tmp_path_factory) -> tuple[Path, Path, list[str]]:
     return final, prompts, RL_SHORT
 
 
-def _program(inputs, run: Path, *overrides: str) -> subprocess.CompletedProcess:
+def _program(inputs, run: Path, nproc: int) -> subprocess.CompletedProcess:
+    """The RL program on the fixture's model and prompts: one process, or ``nproc`` through
+    torchrun (each rank rolls out its share of the prompt groups)."""
     final, prompts, short = inputs
-    recipe = load_recipe("tiny", [*short, *overrides])
+    recipe = load_recipe("tiny", [*short, f"launch.nproc_per_node={nproc}"])
     run.mkdir(parents=True, exist_ok=True)
     (run / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
     args = ["--params", str(run / "recipe.yaml"), "--model", str(final), "--prompts",
             str(prompts), "--run-dir", str(run)]
-    return subprocess.run([sys.executable, str(REPO / "lens_model" / "train" / "rl.py"), *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env=trainer_env())
+    return run_trainer("rl", args, nproc)
 
 
-def _events(inputs, run: Path) -> list[dict]:
-    proc = _program(inputs, run)
+def _events(inputs, run: Path, nproc: int) -> list[dict]:
+    proc = _program(inputs, run, nproc)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
 
 
-def test_the_rl_program_resumed_at_half_matches_the_straight_run(rl_inputs, tmp_path) -> None:
-    straight = _events(rl_inputs, tmp_path / "straight")
+@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_the_rl_program_resumed_at_half_matches_the_straight_run(rl_inputs, tmp_path,
+                                                                 nproc) -> None:
+    straight = _events(rl_inputs, tmp_path / "straight", nproc)
     ckpts = tmp_path / "straight" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000002", "step-00000004"]
     shutil.copytree(ckpts / "step-00000002", tmp_path / "resumed" / "checkpoints" / "step-00000002")
-    resumed = _events(rl_inputs, tmp_path / "resumed")
+    resumed = _events(rl_inputs, tmp_path / "resumed", nproc)
     assert resumed[0]["resumed_from"].endswith("step-00000002")
 
     def weights(run: Path, name: str) -> dict[str, torch.Tensor]:

@@ -40,9 +40,9 @@ def test_extract_json_refuses_non_objects(text: str) -> None:
 def test_chat_json_sends_model_messages_and_key(monkeypatch) -> None:
     monkeypatch.setenv("MY_KEY", "sekrit")
     with FakeOpenAI(lambda req: '```json\n{"ok": true}\n```') as api:
-        assert chat_json(endpoint(api, api_key_env="MY_KEY"), ASK, "test") == {"ok": True}
+        assert chat_json(endpoint(api, key_variable="MY_KEY"), ASK, "test") == {"ok": True}
         monkeypatch.delenv("MY_KEY")
-        chat_json(endpoint(api, api_key_env="MY_KEY"), ASK, "test")
+        chat_json(endpoint(api, key_variable="MY_KEY"), ASK, "test")
     assert api.requests[0]["model"] == "fake-model" and api.requests[0]["messages"] == ASK
     auth = [{k.lower(): v for k, v in h.items()}["authorization"] for h in api.headers]
     assert auth == ["Bearer sekrit", "Bearer EMPTY"]
@@ -96,7 +96,7 @@ def test_check_rejections_are_retried_and_client_errors_are_not() -> None:
     with FakeOpenAI(lambda req: next(answers)) as api:
         assert chat_json(endpoint(api), ASK, "test", check=positive) == {"n": 2}
     with FakeOpenAI(lambda req: Fault(status=401)) as api:
-        with pytest.raises(LLMError, match="HTTP 401.*api_key_env|HTTP 401.*LENS_LLM_API_KEY"):
+        with pytest.raises(LLMError, match="HTTP 401.*key_variable|HTTP 401.*LENS_LLM_API_KEY"):
             chat_json(endpoint(api), ASK, "test")
     assert len(api.requests) == 1  # a refused key is not asked again
 

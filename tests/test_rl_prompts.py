@@ -13,8 +13,9 @@ import yaml
 import mlflow
 from lens import cli
 from lens_model.data.captions import prompt_set, satisfies
-from lens_model.data.world import COLORS, Obj, Scene, place, relation, render
+from lens_model.data.world import COLORS, Obj, Scene, place, render
 from lens_model.recipe import load_recipe
+from lens_model.rl.judge import answer
 from lens_model.rl.llm import LLMError
 from lens_model.rl.prompts import RLPrompt, build_prompts, read_prompts, write_prompts
 from lens_model.rl.rubrics import check_rubrics
@@ -110,26 +111,8 @@ def test_dimension_bounds_follow_the_recipe() -> None:
 
 
 def _holds(check: dict, scene: Scene) -> bool:
-    """A shapes check evaluated on a ground-truth scene (written apart from the grammar)."""
-    objs = scene.objects
-
-    def match(o: Obj, ref: dict) -> bool:
-        return o.shape == ref["shape"] and ref.get("color") in (None, o.color)
-
-    kind = check["kind"]
-    if kind == "count":
-        return sum(match(o, check) for o in objs) == check["count"]
-    if kind == "color":
-        shaped = [o for o in objs if o.shape == check["shape"]]
-        return bool(shaped) and all(o.color == check["color"] for o in shaped)
-    if kind == "size":
-        return any(o.shape == check["shape"] and o.size == check["size"] for o in objs)
-    if kind == "relation":
-        return any(check["type"] in relation(a, b) for a in objs if match(a, check["a"])
-                   for b in objs if match(b, check["b"]))
-    if kind == "total":
-        return len(objs) == check["count"]
-    raise AssertionError(f"the grammar wrote an unexpected check kind {kind}")
+    """A shapes check answered on a ground-truth scene by the judge's own rules."""
+    return answer(check, scene.objects)
 
 
 def ground_truth(p: RLPrompt, rng: random.Random) -> Scene:

@@ -75,7 +75,7 @@ def chat_json(endpoint: EndpointSection, messages: list[dict[str, Any]], what: s
     # Retries are ours, not the client's, so the bound is exactly endpoint.max_retries and
     # every failure is seen (the client would also retry 4xx-free errors silently).
     client = openai.OpenAI(base_url=base_url, timeout=endpoint.timeout_s, max_retries=0,
-                           api_key=os.environ.get(endpoint.api_key_env) or "EMPTY")
+                           api_key=os.environ.get(endpoint.key_variable) or "EMPTY")
     tries = endpoint.max_retries + 1
     last = ""
     for attempt in range(1, tries + 1):
@@ -94,7 +94,7 @@ def chat_json(endpoint: EndpointSection, messages: list[dict[str, Any]], what: s
                 # A wrong key, model or request does not get better by asking again.
                 raise LLMError(f"{what}: {where} refused the request (HTTP {exc.status_code}): "
                                f"{exc.message}; check endpoint.model, endpoint.base_url and "
-                               f"${endpoint.api_key_env}") from None
+                               f"${endpoint.key_variable}") from None
             last = f"HTTP {exc.status_code}: {exc.message}"
         except openai.APIConnectionError as exc:
             last = f"cannot connect: {exc}"
