@@ -63,7 +63,7 @@ def model_card(recipe: Recipe, tags: dict[str, str], evaluation: dict[str, Any])
     e = recipe.eval
     stages = ("rectified flow, then DiffusionNFT RL with rubric rewards on a LoRA adapter "
               "(merged into the weights)" if before else "rectified flow")
-    pretrained = " | before RL |\n|---|---|---|---|" if before else " |\n|---|---|---|"
+    header = "| category | score | untrained |" + (" before RL |" if before else "")
     return f"""# {recipe.tracking.model_name}: Lens `{recipe.name}` recipe
 
 A Lens MMDiT ({recipe.model.preset} preset) trained with {stages} on the
@@ -74,7 +74,8 @@ A Lens MMDiT ({recipe.model.preset} preset) trained with {stages} on the
 Protocol `{evaluation['eval_hash']}`: {e.prompts_per_category} prompts per category (seed
 {e.prompt_seed}), {e.size}, {e.steps} {e.sampler} steps, CFG {e.cfg}, seed {e.seed}.
 
-| category | score | untrained{pretrained}
+{header}
+|---|---|---|{"---|" if before else ""}
 {rows}
 
 Latency: {evaluation['seconds_per_image']:.3f} s per image at these settings.
