@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -108,6 +108,20 @@ def run_trainer(program: str, args: list[str], nproc: int = 1) -> subprocess.Com
            torchrun_cmd(nproc, script=script, args=args, master_port=free_port()))
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                           env=trainer_env())
+
+
+def straight_and_resumed(run_events: Callable[[Path], list[dict]],
+                         root: Path) -> tuple[list[dict], list[dict]]:
+    """A 4-step training program run straight (checkpoints at steps 2 and 4), then again on a
+    copy of its step-2 checkpoint alone, what a kill right after that checkpoint leaves;
+    ``run_events(run_dir)`` runs it and returns its events. Both event lists."""
+    straight = run_events(root / "straight")
+    ckpts = root / "straight" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000002", "step-00000004"]
+    shutil.copytree(ckpts / "step-00000002", root / "resumed" / "checkpoints" / "step-00000002")
+    resumed = run_events(root / "resumed")
+    assert resumed[0]["resumed_from"].endswith("step-00000002")
+    return straight, resumed
 
 
 def free_port() -> int:

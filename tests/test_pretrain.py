@@ -33,7 +33,7 @@ from lens_model.train.pretrain import (
 from lens_model.transformer import LensTransformer2DModel
 from lens_model.vae import SemanticVAE
 from tasks import dataset
-from tests.conftest import run_trainer
+from tests.conftest import run_trainer, straight_and_resumed
 
 # long and short captions mixed (the paper keeps long ones only), so both feature paths are read
 RECIPE_OVERRIDES = ["data.num_samples=32", "data.samples_per_shard=16",
@@ -109,7 +109,6 @@ def test_a_short_caption_only_cache_skips_long_captions_and_gives_the_same_loss(
 
 
 def test_changed_rows_get_their_own_feature_shard(parts, tmp_path) -> None:
-    import shutil
 
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -185,12 +184,7 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 def test_the_program_resumed_at_half_matches_the_straight_run(parts, tmp_path, nproc) -> None:
     """A kill right after the step-2 checkpoint leaves exactly that checkpoint: the program
     started on it must end where the straight run ended (EMA weights, losses, ledger)."""
-    straight = _events(parts, tmp_path / "straight", nproc)
-    ckpts = tmp_path / "straight" / "checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000002", "step-00000004"]
-    shutil.copytree(ckpts / "step-00000002", tmp_path / "resumed" / "checkpoints" / "step-00000002")
-    resumed = _events(parts, tmp_path / "resumed", nproc)
-    assert resumed[0]["resumed_from"].endswith("step-00000002")
+    straight, resumed = straight_and_resumed(lambda run: _events(parts, run, nproc), tmp_path)
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6

@@ -5,7 +5,6 @@ exactly from a checkpoint."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from lens_model.text_encoder import LanguageEncoder
 from lens_model.train.pretrain import save_final
 from lens_model.transformer import LensTransformer2DModel
 from lens_model.vae import SemanticVAE
-from tests.conftest import run_trainer
+from tests.conftest import run_trainer, straight_and_resumed
 
 RL_SHORT = ["rl.num_prompts=24", "rl.groups=2", "rl.group_size=2", "rl.sample_steps=2",
             "rl.steps=4", "rl.ckpt_every=2", "rl.keep_last=3", "rl.gold_every=2",
@@ -210,12 +209,8 @@ def _events(inputs, run: Path, nproc: int) -> list[dict]:
 @pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_the_rl_program_resumed_at_half_matches_the_straight_run(rl_inputs, tmp_path,
                                                                  nproc) -> None:
-    straight = _events(rl_inputs, tmp_path / "straight", nproc)
-    ckpts = tmp_path / "straight" / "checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000002", "step-00000004"]
-    shutil.copytree(ckpts / "step-00000002", tmp_path / "resumed" / "checkpoints" / "step-00000002")
-    resumed = _events(rl_inputs, tmp_path / "resumed", nproc)
-    assert resumed[0]["resumed_from"].endswith("step-00000002")
+    straight, resumed = straight_and_resumed(lambda run: _events(rl_inputs, run, nproc),
+                                             tmp_path)
 
     def weights(run: Path, name: str) -> dict[str, torch.Tensor]:
         return load_file(run / name)
