@@ -161,6 +161,23 @@ def test_ground_truth_renders_pass_integrity_and_a_blank_frame_has_nothing() -> 
                                               "color": "red"}}], [None])[0].passed["red"]
 
 
+def test_reward_hacking_is_flagged_when_gold_falls_as_the_reward_rises() -> None:
+    from lens_model.train.rl import GoldLog
+
+    log = GoldLog()
+    log.train = [0.2, 0.2, 0.3, 0.5, 0.6, 0.7]
+    log.gold = [(0, 0.40), (3, 0.38), (6, 0.30)]
+    assert log.hacking(window=2)  # reward 0.2 -> 0.65, gold 0.40 -> 0.30
+    assert log.mean_reward(2, last=False) == pytest.approx(0.2)
+    log.gold[-1] = (6, 0.45)  # gold rose with the reward: learning, not hacking
+    assert not log.hacking(window=2)
+    log.gold[-1], log.train = (6, 0.30), [0.5] * 6  # both fell or stayed: no flag
+    assert not log.hacking(window=2)
+    restored = GoldLog()
+    restored.load_state_dict(json.loads(json.dumps(log.state_dict())))  # through meta.json
+    assert restored.gold == log.gold and restored.train == log.train
+
+
 def test_bad_rubrics_are_named() -> None:
     with pytest.raises(RubricError, match="prompt 'p1' has no rubric"):
         check_rubrics({}, "p1")
