@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lens_model import atomic
-from lens_model.data.captions import NUMBERS
+from lens_model.data.captions import NUMBERS, _a, _join  # the captions' own grammar
 from lens_model.data.world import PLURALS, SHAPES, Obj, place, relation
 from lens_model.recipe import EndpointSection, Recipe
 from lens_model.rl.llm import chat_json
@@ -111,14 +111,6 @@ def _pick_new(rng: random.Random, preferred: list[str], used: set[str],
     """One of ``preferred`` not in ``used``; else any unused ``fallback``; else ``preferred``."""
     fresh = [v for v in preferred if v not in used] or [v for v in fallback if v not in used]
     return rng.choice(fresh or preferred)
-
-
-def _a(phrase: str) -> str:
-    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
-
-
-def _join(items: list[str]) -> str:
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def _phrase(group: dict[str, Any]) -> str:
