@@ -124,8 +124,8 @@ class NFTPolicy(nn.Module):
         """old <- decay old + (1 - decay) policy."""
         params = dict(self.denoiser.named_parameters())
         for name in self.adapter:
-            getattr(self, _buffer(name)).lerp_(params[name].to(torch.float32).to(
-                getattr(self, _buffer(name)).dtype), 1.0 - decay)
+            old = getattr(self, _buffer(name))
+            old.lerp_(params[name].to(old.dtype), 1.0 - decay)
 
 
 def normalise_rewards(raw: Tensor, adv_clip: float) -> Tensor:
