@@ -1,5 +1,6 @@
-"""The pipeline: data -> vae (when the recipe trains one) -> pretrain -> rl -> evaluate ->
-register -> promote, under one MLflow parent run whose child runs are the stages.
+"""The pipeline: data -> vae (when the recipe trains one) -> pretrain -> rl -> reasoner ->
+search -> evaluate -> register -> promote, under one MLflow parent run whose child runs are
+the stages.
 
     lens run tiny                      # what `make run` runs
     lens run lens-3.8b --set launch.nnodes=1 --set launch.nproc_per_node=8   # one 8-GPU node
@@ -22,13 +23,16 @@ from tasks import data as data_tasks
 from tasks import release
 from tasks.evaluate import evaluate_stage
 from tasks.pretrain import pretrain
+from tasks.prompt_search import search_task
+from tasks.reasoner import reasoner_dir, reasoner_stage
 from tasks.registry import register
 from tasks.report import failure_report, pipeline_report
 from tasks.rl import rl
 from tasks.rl_prompts import outputs_current, rl_prompts_task
 from tasks.vae import vae_dir, vae_stage
 
-STAGES = ("data", "vae", "pretrain", "rl", "evaluate", "register", "promote")
+STAGES = ("data", "vae", "pretrain", "rl", "reasoner", "search", "evaluate", "register",
+          "promote")
 
 
 @flow(name="lens-pipeline", version="1", log_prints=True)
@@ -73,16 +77,24 @@ def pipeline_flow(recipe: str = "tiny", overrides: list[str] | None = None,
                              trained["run_id"], parent, return_state=True))
         if prompts_state.name != "Cached":
             compute["rl"] += float(prompts.get("compute_s", 0))
+        # as for the VAE: a cache hit must not stand in for a deleted reasoner folder
+        gone = rec.reasoner.backend == "train" and not reasoner_dir(rec).is_dir()
+        rewriter = lap("reasoner", reasoner_stage.with_options(refresh_cache=gone)(
+            tree, parent, return_state=True))
+        searched = lap("search", search_task(
+            tree, tuned["model_dir"], rewriter, data["dvc_hash"], parent, return_state=True))
         scored = lap("evaluate", evaluate_stage(tree, tuned["model_dir"], data["dvc_hash"],
                                                 parent, trained["model_dir"], return_state=True))
         runs = {"data": data["mlflow_run_id"], "vae": vae_run.get("run_id", ""),
                 "pretrain": trained["run_id"], "rl_prompts": prompts["run_id"],
-                "rl": tuned["run_id"], "evaluate": scored["run_id"]}
+                "rl": tuned["run_id"], "reasoner": rewriter["run_id"],
+                "search": searched["run_id"], "evaluate": scored["run_id"]}
         runs = {stage: run_id for stage, run_id in runs.items() if run_id}  # a pretrained VAE
         version = lap("register", register(
             tree, tuned["model_dir"], data["dvc_hash"], scored, runs, parent,
             {"lens.rl_prompts_dvc_hash": prompts["dvc_hash"],
-             "lens.pretrain_model_dir": trained["model_dir"]}, return_state=True))
+             "lens.pretrain_model_dir": trained["model_dir"]},
+            reasoner={"dir": rewriter["dir"], **searched}, return_state=True))
         runs = runs | {"register": version["run_id"]}  # the task keeps the dict it was given
         promotion = release.promote_task(version["name"], version["version"],
                                          reason=f"pipeline run of recipe {rec.name}")
@@ -101,7 +113,8 @@ def pipeline_flow(recipe: str = "tiny", overrides: list[str] | None = None,
                "model_dir": tuned.get("model_dir", ""), "pretrain_run_id": trained["run_id"],
                "pretrained_dir": trained.get("model_dir", ""), "rl_run_id": tuned["run_id"],
                "rl_prompts_dvc_hash": prompts["dvc_hash"],
-               "rl_prompts_path": prompts["path"],
+               "rl_prompts_path": prompts["path"], "reasoner_dir": rewriter["dir"],
+               "system_prompt_hash": searched["hash"],
                "model": version["name"], "version": version["version"],
                **{f"run.{stage}": run_id for stage, run_id in runs.items()}}
     data_tasks.close_parent(parent, summary)
@@ -114,6 +127,9 @@ def pipeline_flow(recipe: str = "tiny", overrides: list[str] | None = None,
                      "reward_start": tuned.get("reward_start"),
                      "reward_end": tuned.get("reward_end"),
                      "reward_hacking": bool(tuned.get("reward_hacking"))},
+              "reasoner": {"heldout": rewriter["heldout"], "test": searched["test"],
+                           "curve": searched["curve"], "system_prompt": searched["system_prompt"],
+                           "hash": searched["hash"]},
               "seconds_per_image": scored["seconds_per_image"],
               "eval_hash": scored["eval_hash"], "promotion": promotion, "stages": stages,
               "compute": compute}

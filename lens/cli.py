@@ -83,7 +83,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     keys = ("dvc_hash", "valid", "quarantined", "mlflow_run_id", "manifest", "model_dir",
             "parent_run_id", "pretrain_run_id", "vae_dir", "model", "version", "scores",
             "baseline_scores", "eval_grid", "eval_hash", "seconds_per_image", "pretrained_dir",
-            "pretrained_scores", "rl_run_id", "rl_prompts_dvc_hash", "rl")
+            "pretrained_scores", "rl_run_id", "rl_prompts_dvc_hash", "rl", "reasoner_dir",
+            "system_prompt_hash", "reasoner")
     promotion = result["promotion"]
     out = {k: result[k] for k in keys} | {
         "recipe": result["recipe"], "recipe_hash": result["recipe_hash"],
@@ -99,6 +100,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"{_num(result['rl']['reward_start'])} -> {_num(result['rl']['reward_end'])}, gold "
         f"{_num(result['rl']['gold_before'])} -> {_num(result['rl']['gold_after'])}"
         f"{HACKING if result['rl']['reward_hacking'] else ''})",
+        f"reasoner  {result['reasoner_dir'] or 'endpoint'}: held-out rule following "
+        f"{_num(result['reasoner']['heldout'].get('exact'))}; searched system prompt "
+        f"{result['system_prompt_hash']}, shapes-GenEval-R "
+        f"{_num(result['reasoner']['test']['r/none']['overall'])} without -> "
+        f"{_num(result['reasoner']['test']['r/searched']['overall'])} with it",
         f"scores    {_scores(result['scores'])}  (eval {result['eval_hash']}, "
         f"{result['seconds_per_image']:.3f} s/image)",
         f"before rl {_scores(result['pretrained_scores'])}  (the pretrained model)",
@@ -161,9 +167,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return f"  {key[:width]:<{width}} {a[:30]:<30} {b[:30]}"
 
     lines = [f"  {'':<{width}} {'A: ' + args.a:<30} B: {args.b}"]
-    for title in ("params_differ", "lineage", "scores", "baseline", "compute"):
+    for title in ("params_differ", "lineage", "scores", "baseline", "compute", "reasoner"):
         lines.append(title.replace("_", " "))
         lines += [row(k, v) for k, v in result[title].items()] or ["  (none)"]
+    prompts = result["system_prompt"]
+    lines.append(f"system prompt {prompts['hashes'][0]} -> {prompts['hashes'][1]}")
+    lines += [f"  {line}" for line in prompts["diff"]] or ["  (the same)"]
     lines.append(f"grid {grid} (A above B, same prompts and seeds; "
                  f"legend {grid.with_suffix('.txt')})")
     _emit(result, args.json, "\n".join(lines))
@@ -361,22 +370,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe = load_pipeline(local_model(args.model), dtype=dtype).to(device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    paths, flags = [], {}
+    paths, flags, drawn = [], {}, []
     # per-image seeds (seed + index): chunking into batches does not change any image
     for start in range(0, len(args.prompts), args.batch):
         chunk = args.prompts[start:start + args.batch]
         result = pipe(chunk, size=args.size, num_inference_steps=args.steps,
                       guidance_scale=args.cfg, negative_prompt=args.negative,
-                      seed=args.seed + start, sampler=args.sampler)
+                      seed=args.seed + start, sampler=args.sampler, reasoner=args.reasoner)
         flags.update(result.flags)
+        drawn += result.prompts
         for i, (prompt, image) in enumerate(zip(chunk, result.images, strict=True), start):
             path = out / f"{i:02d}-{_slug(prompt)}.png"
             atomic.write_with(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
             paths.append(str(path))
     for flag in flags.values():
         print(f"warning: {flag}", file=sys.stderr)
-    _emit({"images": paths, "flags": flags, "model": args.model, "seed": args.seed},
-          args.json, "\n".join(paths))
+    rewrites = drawn if pipe.rewriter is not None and args.reasoner is not False else None
+    if rewrites is not None and not args.json:
+        for prompt, text in zip(args.prompts, rewrites, strict=True):
+            print(f"reasoner ({pipe.rewriter.hash}): {prompt!r} -> {text!r}", file=sys.stderr)
+    _emit({"images": paths, "flags": flags, "model": args.model, "seed": args.seed,
+           "rewrites": rewrites}, args.json, "\n".join(paths))
     return 0
 
 
@@ -461,6 +475,9 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
     gen.add_argument("--dtype", choices=["float32", "bfloat16"],
                      help="weights dtype (default: bfloat16 on cuda, float32 on cpu)")
+    gen.add_argument("--reasoner", action=argparse.BooleanOptionalAction, default=None,
+                     help="rewrite the prompts with the reasoner saved with the model first "
+                     "(default: when it has one); the rewrites are printed")
     gen.add_argument("--json", action="store_true")
     gen.set_defaults(func=cmd_generate)
 

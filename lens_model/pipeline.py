@@ -60,10 +60,12 @@ OUTPUT_TYPES = ("pil", "pt", "latent")
 @dataclass
 class LensPipelineOutput(BaseOutput):
     """``images``: PIL images, a (B, 3, H, W) tensor in [0, 1] ("pt"), or normalised latents
-    (B, C, h, w) ("latent"). ``flags``: warnings about the request by name, e.g. "oversize"."""
+    (B, C, h, w) ("latent"). ``flags``: warnings about the request by name, e.g. "oversize".
+    ``prompts``: what was drawn, the reasoner's rewrites when one was used."""
 
     images: list[PIL.Image.Image] | Tensor
     flags: dict[str, str]
+    prompts: list[str]
 
 
 def parse_size(size: str) -> tuple[int, int]:
@@ -137,6 +139,7 @@ class LensPipeline(DiffusionPipeline):
                                 trained_areas=sorted(int(a) for a in trained_areas or []))
         self._check_components()
         self._encoder: LanguageEncoder | None = None
+        self.rewriter: Any = None  # a reasoner.attached.PromptRewriter saved with the model
 
     # --- construction ------------------------------------------------------------------
 
@@ -152,7 +155,12 @@ class LensPipeline(DiffusionPipeline):
             raise ValueError(f"{what}.from_pretrained(use_safetensors=False): Lens loads "
                              "weights from safetensors only; drop the argument")
         kwargs["use_safetensors"] = True
-        return super().from_pretrained(str(pretrained_model_name_or_path), **kwargs)
+        pipe = super().from_pretrained(str(pretrained_model_name_or_path), **kwargs)
+        if Path(pretrained_model_name_or_path).is_dir():
+            from lens_model.reasoner.attached import load_attached  # heavy; only when saved
+
+            pipe.rewriter = load_attached(pretrained_model_name_or_path)
+        return pipe
 
     @classmethod
     def from_training(cls, final_dir: str | Path,
@@ -323,18 +331,25 @@ class LensPipeline(DiffusionPipeline):
                  negative_prompt: str | list[str] = "", seed: int | list[int] | None = None,
                  generator: torch.Generator | list[torch.Generator] | None = None,
                  latents: Tensor | None = None, sampler: str = "euler",
-                 output_type: str = "pil") -> LensPipelineOutput:
+                 output_type: str = "pil", reasoner: bool | None = None) -> LensPipelineOutput:
         """Generate one image per prompt.
 
         ``size`` "WxH" or ``width``/``height`` (default: a square of the largest trained area);
         sides must be multiples of :attr:`size_multiple`, aspect 1:2 to 2:1. An int ``seed``
         gives image i the seed ``seed + i``; a list gives one per image. ``latents``: your
         own starting noise (B, C, h, w). ``sampler``: "euler" or "heun". ``output_type``:
-        "pil", "pt" (B, 3, H, W) in [0, 1] or "latent".
+        "pil", "pt" (B, 3, H, W) in [0, 1] or "latent". ``reasoner``: rewrite the prompts
+        with the reasoner saved with the model first (default: when it has one).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("prompt is empty; pass a string or a list of strings")
+        if reasoner and self.rewriter is None:
+            raise ValueError("reasoner=True, but this model was saved without a reasoner: "
+                             "pass reasoner=False, or register it from a pipeline run with "
+                             "its reasoner and search stages")
+        if self.rewriter is not None and reasoner is not False:
+            prompts = self.rewriter(prompts)
         if sampler not in SAMPLERS or output_type not in OUTPUT_TYPES:
             raise ValueError(f"sampler {sampler!r} / output_type {output_type!r}: choose a "
                              f"sampler from {list(SAMPLERS)} and an output_type from "
@@ -357,7 +372,7 @@ class LensPipeline(DiffusionPipeline):
                             guidance_scale if guided else None, token_dim=1,
                             order=SAMPLERS[sampler])
             images = self._postprocess(z, output_type)
-        return LensPipelineOutput(images=images, flags=flags)
+        return LensPipelineOutput(images=images, flags=flags, prompts=prompts)
 
     @contextmanager
     def _eval_mode(self) -> Iterator[None]:

@@ -290,6 +290,53 @@ class RLSection(Section):
         return self
 
 
+class SearchSection(Section):
+    """The training-free search over the reasoner's system prompt (flows/reasoner.py)."""
+
+    optimiser: Literal["edit", "openai"] = Field("edit", description="edit: add, drop, swap "
+                                                 "and reword the rule library's sentences; "
+                                                 "openai: an LLM at reasoner.endpoint")
+    seed_prompt: str = Field(
+        "You rewrite requests for a picture of simple shapes into a prompt for the image model."
+        "\nUse the plain names of the colours and shapes.", min_length=1)
+    candidates_per_round: int = Field(4, ge=1)
+    patience: int = Field(2, ge=1, description="rounds without a better candidate, then stop")
+    max_rounds: int = Field(6, ge=1)
+    dev_per_category: int = Field(4, ge=1, description="dev prompts per category, from "
+                                  "shapes-GenEval and shapes-GenEval-R each")
+    dev_seed: int = Field(1, description="the dev prompts' seed; prompts that the evaluation's "
+                          "test split holds are dropped from dev")
+    test_per_category: int = Field(20, ge=1, description="test-split prompts per category "
+                                   "the winner is reported on (the first of eval's, at most "
+                                   "eval.prompts_per_category)")
+
+
+class ReasonerSection(Section):
+    """The prompt rewriter: a chat LM whose system prompt is searched (lens_model/reasoner)."""
+
+    backend: Literal["train", "hf", "openai"] = Field(
+        "train", description="train: a small causal LM the pipeline trains on the world's "
+        "rules; hf: any Hugging Face causal LM at reasoner.path; openai: reasoner.endpoint")
+    path: str | None = Field(None, description="the model folder (backend hf)")
+    endpoint: EndpointSection = Field(default_factory=EndpointSection)
+    max_new_tokens: int = Field(64, ge=1)
+    max_system_chars: int = Field(2000, ge=1)
+    batch_size: int = Field(64, ge=1, description="prompts rewritten at once")
+    vocab_size: int = Field(1000, ge=261, description="the trained LM's byte-level BPE")
+    hidden_size: int = Field(128, ge=8)
+    layers: int = Field(4, ge=1)
+    heads: int = Field(4, ge=1)
+    steps: int = Field(1500, ge=1)
+    train_batch: int = Field(32, ge=1, description="chats per step")
+    turns: int = Field(4, ge=1, description="user prompts per chat under one system prompt")
+    lr: float = Field(3e-3, gt=0)
+    warmup_steps: int = Field(50, ge=0)
+    heldout_examples: int = Field(256, ge=1, description="held-out chats scored for "
+                                  "rule following (unseen prompts under unseen rule sets)")
+    log_every: int = Field(25, ge=1)
+    search: SearchSection = Field(default_factory=SearchSection)
+
+
 class LaunchSection(Section):
     """Where pretraining runs: one process, torchrun on N processes, or several nodes."""
 
@@ -340,6 +387,7 @@ class Recipe(Section):
     vae: VaeSection = Field(default_factory=lambda: VaeSection(source="train"))
     pretrain: PretrainSection = Field(default_factory=PretrainSection)
     rl: RLSection = Field(default_factory=RLSection)
+    reasoner: ReasonerSection = Field(default_factory=ReasonerSection)
     launch: LaunchSection = Field(default_factory=LaunchSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     eval: EvalSection = Field(default_factory=EvalSection)
@@ -361,7 +409,8 @@ class Recipe(Section):
     def train_hash(self) -> str:
         """Hash of what decides the pretrained weights: all but evaluation, gates, tracking and
         the post-training stages, so changing those reuses the trained stages."""
-        return _digest(self.model_dump(mode="json", exclude={"eval", "gates", "tracking", "rl"}))
+        return _digest(self.model_dump(mode="json", exclude={"eval", "gates", "tracking", "rl",
+                                                            "reasoner"}))
 
     def rl_hash(self) -> str:
         """Hash of what decides the RL model: the pretrained weights' inputs and the rl section."""

@@ -198,6 +198,15 @@ class LanguageEncoder(nn.Module):
         n_prefix = sum(1 for _, end in offsets if end <= start)
         return list(ids[:n_prefix + self.max_length]), n_prefix
 
+    def truncates(self, prompt: str) -> bool:
+        """Whether :meth:`tokenize` cuts ``prompt`` short: it keeps ``max_length`` tokens."""
+        if not self.use_template:
+            return len(self.tokenizer(prompt, add_special_tokens=True)["input_ids"]) \
+                > self.max_length
+        _, n_prefix = self.tokenize(prompt)
+        full = self.tokenizer(self._render(prompt), add_special_tokens=False)["input_ids"]
+        return len(full) - n_prefix > self.max_length
+
     @torch.no_grad()
     def hidden(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         """Frozen LM only: H (B, T, L * D) float32 and mask (B, T) bool; cache these."""

@@ -1,5 +1,6 @@
 """Side-by-side comparison of two pipeline runs for reviewers: params that differ, lineage,
-eval scores per category, the compute ledger, and one image grid of both models drawn from
+eval scores per category, the compute ledger, the reasoner's test scores and its system
+prompts as a diff, and one image grid of both models drawn from
 the same prompts and seeds.
 
 A side is a run id (the pipeline's parent run or any of its stage runs) or ``NAME/VERSION``
@@ -8,6 +9,7 @@ of a registered model; either resolves to the pipeline's parent run and its stag
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from lens.secrets import redact
 from lens_model import atomic
 from lens_model.eval.geneval import EvalProtocol, pipeline_generator
 from lens_model.pipeline import load_pipeline
+from lens_model.reasoner.search import prompt_hash
 from tasks.registry import local_model
 
 GRID_PER_CATEGORY = 2
@@ -81,6 +84,22 @@ def _prefixed(side: Side, stage: str, prefix: str) -> dict[str, float]:
     return {k: v for k, v in (run.data.metrics if run else {}).items() if k.startswith(prefix)}
 
 
+def _system_prompt(side: Side) -> str | None:
+    """The system prompt the side's search chose, or None when it ran no search."""
+    run = side.stages.get("search")
+    if run is None:
+        return None
+    return mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/system_prompt.txt")
+
+
+def prompt_diff(a: str | None, b: str | None) -> dict[str, Any]:
+    """Both system prompts' hashes and a unified diff, line by line (rules are lines)."""
+    hashes = [prompt_hash(p) if p is not None else None for p in (a, b)]
+    diff = list(difflib.unified_diff((a or "").splitlines(), (b or "").splitlines(),
+                                     "A", "B", lineterm="", n=1))
+    return {"hashes": hashes, "diff": diff}
+
+
 def compare(a: str, b: str) -> dict[str, Any]:
     """The comparison as plain data (what ``lens compare --json`` prints)."""
     sa, sb = resolve(a), resolve(b)
@@ -93,14 +112,16 @@ def compare(a: str, b: str) -> dict[str, Any]:
     tables = {}
     for key, stage, prefix in (("scores", "evaluate", "eval/"),
                                ("baseline", "evaluate", "baseline/"),
-                               ("compute", "pretrain", "compute/")):
+                               ("compute", "pretrain", "compute/"),
+                               ("reasoner", "search", "test/")):
         ma, mb = _prefixed(sa, stage, prefix), _prefixed(sb, stage, prefix)
         tables[key] = {k: [ma.get(k), mb.get(k)] for k in sorted(set(ma) | set(mb))}
     ev = sa.stages.get("evaluate")  # side A's protocol draws the grid unless told otherwise
     protocol = asdict(EvalProtocol.from_params(ev.data.params)) if ev else None
     return {"a": {"ref": a, "parent_run_id": sa.parent.info.run_id, "model": sa.model},
             "b": {"ref": b, "parent_run_id": sb.parent.info.run_id, "model": sb.model},
-            "params_differ": differ, "lineage": lineage, "protocol": protocol, **tables}
+            "params_differ": differ, "lineage": lineage, "protocol": protocol, **tables,
+            "system_prompt": prompt_diff(_system_prompt(sa), _system_prompt(sb))}
 
 
 def side_by_side_grid(sides: dict[str, str], protocol: EvalProtocol, out: Path,

@@ -1,7 +1,9 @@
 """The registered model, as MLflow "models from code": a pyfunc that wraps LensPipeline.
 
-Input: a DataFrame with a ``prompt`` column. Params: ``steps``, ``cfg``, ``size`` ("WxH") and
-``seed`` (image i gets seed + i). Output: a DataFrame of ``prompt`` and ``image`` (PNG bytes).
+Input: a DataFrame with a ``prompt`` column. Params: ``steps``, ``cfg``, ``size`` ("WxH"),
+``seed`` (image i gets seed + i) and ``reasoner`` (rewrite with the reasoner saved with the
+model first; default on when it has one). Output: a DataFrame of ``prompt``, ``rewrite``
+(what was drawn) and ``image`` (PNG bytes).
 MLflow copies this file into the model; loading it needs only this project installed, and
 the pipeline's weights load from safetensors, offline.
 """
@@ -32,10 +34,11 @@ class LensPyfunc(PythonModel):
                              "DataFrame with a 'prompt' column of strings")
         p = params or {}
         prompts = [str(x) for x in model_input["prompt"]]
-        images = self.pipe(prompts, size=p.get("size"), num_inference_steps=int(p.get("steps", 20)),
-                           guidance_scale=float(p.get("cfg", 5.0)),
-                           seed=int(p.get("seed", 0))).images
-        return pd.DataFrame({"prompt": prompts, "image": [_png(im) for im in images]})
+        out = self.pipe(prompts, size=p.get("size"), num_inference_steps=int(p.get("steps", 20)),
+                        guidance_scale=float(p.get("cfg", 5.0)), seed=int(p.get("seed", 0)),
+                        reasoner=bool(p.get("reasoner", True)) and self.pipe.rewriter is not None)
+        return pd.DataFrame({"prompt": prompts, "rewrite": out.prompts,
+                             "image": [_png(im) for im in out.images]})
 
 
 def _png(image: Any) -> bytes:

@@ -22,6 +22,7 @@ from prefect import get_run_logger, task
 import mlflow
 from lens.secrets import redact
 from lens_model.pipeline import load_pipeline
+from lens_model.reasoner.attached import attach
 from lens_model.recipe import Recipe
 from tasks import tracking
 from tasks.cache import keyed_by, trained_model
@@ -46,12 +47,41 @@ def signature(recipe: Recipe) -> ModelSignature:
     e = recipe.eval
     return ModelSignature(
         inputs=Schema([ColSpec("string", "prompt")]),
-        outputs=Schema([ColSpec("string", "prompt"), ColSpec("binary", "image")]),
+        outputs=Schema([ColSpec("string", "prompt"), ColSpec("string", "rewrite"),
+                        ColSpec("binary", "image")]),
         params=ParamSchema([ParamSpec("steps", "long", e.steps), ParamSpec("cfg", "double", e.cfg),
-                            ParamSpec("size", "string", e.size), ParamSpec("seed", "long", 0)]))
+                            ParamSpec("size", "string", e.size), ParamSpec("seed", "long", 0),
+                            ParamSpec("reasoner", "boolean", True)]))
 
 
-def model_card(recipe: Recipe, tags: dict[str, str], evaluation: dict[str, Any]) -> str:
+def _reasoner_card(reasoner: dict[str, Any] | None) -> str:
+    """The card's reasoner section: the system prompt and shapes-GenEval-R with and without."""
+    if not reasoner:
+        return ""
+    test = reasoner["test"]
+    conditions = [c for c in ("r/none", "r/seed", "r/searched") if c in test]
+    rows = "\n".join(f"| {k} | " + " | ".join(f"{test[c].get(k, float('nan')):.3f}"
+                                               for c in conditions) + " |"
+                     for k in test[conditions[-1]])
+    prompt = "\n".join(f"    {line}" for line in reasoner["system_prompt"].splitlines())
+    return f"""
+## Reasoner
+Prompts are rewritten by the reasoner saved with this model, under the system prompt
+`{reasoner['hash']}` found by the search ({reasoner['rounds']} rounds, stopped by
+{reasoner['stopped']}):
+
+{prompt}
+
+Shapes-GenEval-R (protocol `{reasoner['r_eval_hash']}`, the held-out test split):
+
+| category | {' | '.join(c.split('/')[1] for c in conditions)} |
+|---|{'---|' * len(conditions)}
+{rows}
+"""
+
+
+def model_card(recipe: Recipe, tags: dict[str, str], evaluation: dict[str, Any],
+               reasoner: dict[str, Any] | None = None) -> str:
     """A markdown card: what the model is, how it was made, how it scores."""
     scores = evaluation["scores"]
     base = evaluation["baseline_scores"]
@@ -79,7 +109,7 @@ Protocol `{evaluation['eval_hash']}`: {e.prompts_per_category} prompts per categ
 {rows}
 
 Latency: {evaluation['seconds_per_image']:.3f} s per image at these settings.
-
+{_reasoner_card(reasoner)}
 ## Lineage
 {lineage}
 
@@ -95,17 +125,23 @@ out = model.predict(pd.DataFrame({{"prompt": ["a photo of a red circle"]}}),
 
 def _register_inputs(params: dict[str, Any]) -> dict[str, Any]:
     """One version per trained model and evaluation: a rerun with nothing changed finds it."""
+    reasoner = params.get("reasoner") or {}
     return {**trained_model(params["model_dir"]), "eval": params["evaluation"]["eval_hash"],
-            "name": params["tree"]["tracking"]["model_name"], "gates": params["tree"]["gates"]}
+            "name": params["tree"]["tracking"]["model_name"], "gates": params["tree"]["gates"],
+            "reasoner": [reasoner.get("dir"), reasoner.get("hash")]}
 
 
 @task(name="register", persist_result=True,
-      cache_policy=keyed_by(_register_inputs, ("tasks/registry.py", "tasks/lens_pyfunc.py")))
+      cache_policy=keyed_by(_register_inputs, ("tasks/registry.py", "tasks/lens_pyfunc.py",
+                                                "lens_model/reasoner/attached.py")))
 def register(tree: dict[str, Any], model_dir: str, dvc_hash: str, evaluation: dict[str, Any],
              stage_runs: dict[str, str], parent_run_id: str = "",
-             extra_tags: dict[str, str] | None = None) -> dict[str, Any]:
+             extra_tags: dict[str, str] | None = None,
+             reasoner: dict[str, Any] | None = None) -> dict[str, Any]:
     """Log the pipeline as a pyfunc, register a new version and alias it ``candidate``;
-    ``extra_tags`` join its lineage tags (the RL prompt set's DVC hash, say)."""
+    ``extra_tags`` join its lineage tags (the RL prompt set's DVC hash, say). ``reasoner``
+    (the search's result and the reasoner's ``dir``) is saved with the pipeline, its system
+    prompt as an artifact and its hash as the ``system_prompt_hash`` tag."""
     recipe = Recipe.model_validate(tree)
     logger = get_run_logger()
     name = recipe.tracking.model_name
@@ -117,11 +153,19 @@ def register(tree: dict[str, Any], model_dir: str, dvc_hash: str, evaluation: di
         "lens.gates": recipe.gates.model_dump_json()} | {
         f"eval.{k}": f"{v:.4f}" for k, v in evaluation["scores"].items()} | {
         "eval.seconds_per_image": f"{evaluation['seconds_per_image']:.4f}"} | (extra_tags or {})
-    card = model_card(recipe, version_tags, evaluation)
+    if reasoner:
+        version_tags |= {"system_prompt_hash": reasoner["hash"],
+                         "lens.reasoner_backend": recipe.reasoner.backend,
+                         "lens.r_eval_hash": reasoner["r_eval_hash"]} | {
+            f"eval_r.{cond.split('/')[1]}.overall": f"{s['overall']:.4f}"
+            for cond, s in reasoner["test"].items() if cond.startswith("r/")}
+    card = model_card(recipe, version_tags, evaluation, reasoner)
     with tempfile.TemporaryDirectory() as tmp:
         pipeline_dir = Path(tmp) / "pipeline"
         started = time.perf_counter()
         load_pipeline(model_dir).save_pretrained(str(pipeline_dir))
+        if reasoner:
+            attach(pipeline_dir, recipe.reasoner, reasoner["dir"], reasoner["system_prompt"])
         compute_s = time.perf_counter() - started
         with mlflow.start_run(experiment_id=exp, run_name=f"register-{recipe.name}",
                               tags=lineage | {"lens.stage": "register"}) as run:
@@ -131,6 +175,8 @@ def register(tree: dict[str, Any], model_dir: str, dvc_hash: str, evaluation: di
                 registered_model_name=name)
             mlflow.log_text(card, "model_card.md")
             mlflow.log_dict(evaluation["scores"], "eval_scores.json")
+            if reasoner:
+                mlflow.log_text(reasoner["system_prompt"], "system_prompt.txt")
     version = str(info.registered_model_version)
     client = mlflow.MlflowClient()
     for key, value in version_tags.items():

@@ -259,6 +259,67 @@ def test_save_load_round_trip_is_exact_and_safetensors_only(pipe: LensPipeline,
     assert torch.equal(loaded(PROMPTS, **kw).images, pipe(PROMPTS, **kw).images)
 
 
+@pytest.fixture(scope="module")
+def with_reasoner(saved: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The saved pipeline with a small random reasoner LM and a system prompt attached."""
+    import shutil
+
+    from lens_model.reasoner.attached import attach
+    from lens_model.reasoner.lm import build_model, build_tokenizer
+    from lens_model.recipe import ReasonerSection
+
+    root = tmp_path_factory.mktemp("with-reasoner")
+    folder = root / "pipeline"
+    shutil.copytree(saved, folder)
+    tok = build_tokenizer([*PROMPTS, SYSTEM] * 5, vocab_size=300)
+    model = build_model(tok, 32, 2, 4, 64, 128, seed=0)
+    with torch.no_grad():  # sharper than the usual init, so answers differ from one another
+        for weight in model.parameters():
+            if weight.dim() == 2:
+                weight.normal_(std=0.3)
+    model.save_pretrained(root / "lm")
+    tok.save_pretrained(root / "lm")
+    attach(folder, ReasonerSection(max_new_tokens=6), str(root / "lm"), SYSTEM)
+    return folder
+
+
+SYSTEM = "You rewrite requests.\nTranslate the request into English."
+
+
+def test_a_saved_reasoner_rewrites_before_drawing(with_reasoner: Path) -> None:
+    loaded = LensPipeline.from_pretrained(str(with_reasoner), local_files_only=True)
+    assert loaded.rewriter is not None and loaded.rewriter.system_prompt == SYSTEM
+    kw = {"size": "32x16", "num_inference_steps": STEPS, "seed": 0, "output_type": "pt"}
+    out = loaded(PROMPTS, **kw)
+    rewrites = loaded.rewriter(PROMPTS)
+    assert out.prompts == rewrites != PROMPTS
+    assert loaded(PROMPTS, reasoner=False, **kw).prompts == PROMPTS
+    assert torch.equal(out.images, loaded(rewrites, reasoner=False, **kw).images)
+    files = [p.name for p in (with_reasoner / "reasoner").iterdir()]
+    assert "model.safetensors" in files and not any(f.endswith((".bin", ".pt")) for f in files)
+
+
+def test_reasoner_true_without_one_is_refused(saved: Path) -> None:
+    loaded = LensPipeline.from_pretrained(str(saved), local_files_only=True)
+    assert loaded.rewriter is None
+    with pytest.raises(ValueError, match="saved without a reasoner: pass reasoner=False"):
+        loaded(PROMPTS, reasoner=True, num_inference_steps=1)
+    assert loaded(PROMPTS, num_inference_steps=1, size="32x16").prompts == PROMPTS
+
+
+def test_an_edited_system_prompt_is_refused(with_reasoner: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from lens_model.reasoner.attached import SPEC, load_attached
+
+    folder = tmp_path / "edited"
+    shutil.copytree(with_reasoner, folder)
+    spec = json.loads((folder / SPEC).read_text())
+    (folder / SPEC).write_text(json.dumps(spec | {"system_prompt": "Say anything."}))
+    with pytest.raises(ValueError, match="does not match its hash"):
+        load_attached(folder)
+
+
 def test_causal_lm_chat_template_survives_save_load(qwen_dir: Path,  # noqa: F811
                                                    vae: SemanticVAE, tmp_path: Path) -> None:
     torch.manual_seed(3)

@@ -1,6 +1,7 @@
 """The pipeline end to end on the tiny recipe, shortened: data -> vae -> pretrain -> rl ->
-evaluate -> register -> promote, with the MLflow parent run, the stage runs under it, the streamed
-losses, sample grids, a registered model that loads in a fresh process, and a cached rerun."""
+reasoner -> search -> evaluate -> register -> promote, with the MLflow parent run, the stage
+runs under it, the streamed losses, sample grids, a registered model that loads in a fresh
+process, and a cached rerun."""
 
 from __future__ import annotations
 
@@ -22,7 +23,11 @@ SHORT = ["data.num_samples=64", "data.samples_per_shard=32", "vae.steps=4",
          "pretrain.steps=6", "pretrain.log_every=2", "pretrain.sample_every=3",
          "pretrain.ckpt_every=3", "rl.num_prompts=24", "rl.steps=2", "rl.groups=2",
          "rl.group_size=2", "rl.sample_steps=2", "rl.gold_prompts=2", "rl.gold_every=1",
-         "rl.lora_rank=4", "rl.lora_alpha=8", "eval.prompts_per_category=2",
+         "rl.lora_rank=4", "rl.lora_alpha=8", "reasoner.steps=4", "reasoner.train_batch=2",
+         "reasoner.log_every=2", "reasoner.heldout_examples=9", "reasoner.max_new_tokens=24",
+         "reasoner.search.dev_per_category=1", "reasoner.search.candidates_per_round=2",
+         "reasoner.search.patience=1", "reasoner.search.max_rounds=1",
+         "reasoner.search.test_per_category=1", "eval.prompts_per_category=2",
          "gates.min_overall=0",
          "gates.max_latency_s=60", "tracking.model_name=lens-pipeline-test"]
 LOAD = """
@@ -33,6 +38,7 @@ model = mlflow.pyfunc.load_model("models:/lens-pipeline-test@candidate")
 out = model.predict(pd.DataFrame({"prompt": ["a photo of a red circle"]}),
                     params={"steps": 2, "cfg": 3.0, "size": "48x24", "seed": 0})
 print(Image.open(io.BytesIO(out["image"][0])).size)
+print(bool(out["rewrite"][0]))
 """
 
 
@@ -58,9 +64,10 @@ def test_tiny_pipeline_trains_and_tracks(prefect_server, dvc_repo: Path, capsys,
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert {r.data.tags["lens.stage"] for r in children} == {
-        "data", "vae", "pretrain", "rl_prompts", "rl", "evaluate", "register"}
-    assert set(out["stages"]) == {"data", "vae", "pretrain", "rl", "evaluate", "register",
-                                  "promote"}
+        "data", "vae", "pretrain", "rl_prompts", "rl", "reasoner", "reasoner-search", "evaluate",
+        "register"}
+    assert set(out["stages"]) == {"data", "vae", "pretrain", "rl", "reasoner", "search",
+                                  "evaluate", "register", "promote"}
     assert set(out["scores"]) == set(out["baseline_scores"]) >= {"overall", "colors"}
     assert set(out["pretrained_scores"]) == set(out["scores"])  # the model RL started from
     rl_run = [r for r in children if r.data.tags["lens.stage"] == "rl"][0]
@@ -84,10 +91,33 @@ def test_tiny_pipeline_trains_and_tracks(prefect_server, dvc_repo: Path, capsys,
     assert mv.tags["lens.run.pretrain"] == out["pretrain_run_id"] and "eval.colors" in mv.tags
     by_stage = {r.data.tags["lens.stage"]: r.info.run_id for r in children}
     assert {k.removeprefix("lens.run.") for k in mv.tags if k.startswith("lens.run.")} == {
-        "data", "vae", "pretrain", "rl_prompts", "rl", "evaluate"}
+        "data", "vae", "pretrain", "rl_prompts", "rl", "reasoner", "search", "evaluate"}
     assert mv.tags["lens.run.vae"] == by_stage["vae"] and mv.tags["lens.run.rl"] == by_stage["rl"]
     assert mv.tags["lens.rl_prompts_dvc_hash"] == out["rl_prompts_dvc_hash"]
     assert "DiffusionNFT" in mv.description and "before RL" in mv.description
+    # The reasoner: trained and scored on held-out rules, its prompt searched and attached.
+    reasoner_run = client.get_run(by_stage["reasoner"])
+    assert {"heldout/exact", "heldout/rule/english", "reasoner/loss"} <= set(
+        reasoner_run.data.metrics)
+    assert [m.step for m in client.get_metric_history(by_stage["reasoner"], "reasoner/loss")] \
+        == [0, 2, 3]
+    search_run = client.get_run(by_stage["reasoner-search"])
+    assert search_run.data.tags["system_prompt_hash"] == out["system_prompt_hash"]
+    assert {"test/r/none/overall", "test/r/seed/overall", "test/r/searched/overall",
+            "test/plain/searched/overall", "test/r/searched/truncation_rate"} <= set(
+        search_run.data.metrics)
+    assert len(client.get_metric_history(by_stage["reasoner-search"], "search/best")) == 2
+    candidates = client.search_runs(
+        [parent.info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{by_stage['reasoner-search']}'")
+    assert len(candidates) >= 2  # the seed and at least one edit
+    seed = [c for c in candidates if c.data.tags["parent_candidate"] == ""]
+    assert len(seed) == 1 and "dev/overall" in seed[0].data.metrics
+    assert all(c.data.tags["parent_candidate"] == seed[0].data.tags["system_prompt_hash"]
+               for c in candidates if c is not seed[0])
+    assert mv.tags["system_prompt_hash"] == out["system_prompt_hash"]
+    assert "## Reasoner" in mv.description and "eval_r.searched.overall" in mv.tags
+    assert mv.tags["lens.run.reasoner"] == by_stage["reasoner"]
     assert mv.tags["lens.prefect_flow_run_id"] and mv.tags["lens.git_commit"]
     assert "Shapes-GenEval" in mv.description
     reqs = Path(mlflow.pyfunc.get_model_dependencies(f"models:/{out['model']}/{out['version']}"))
@@ -107,7 +137,13 @@ def test_tiny_pipeline_trains_and_tracks(prefect_server, dvc_repo: Path, capsys,
     proc = subprocess.run([sys.executable, "-c", LOAD], capture_output=True, text=True,
                           env={**os.environ, **env}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1] == "(48, 24)"
+    assert proc.stdout.strip().splitlines()[-2:] == ["(48, 24)", "True"]
+    # lens generate rewrites with the version's reasoner and says what it drew
+    assert cli.main(["generate", "a photo of a red circle", "--model",
+                     f"models:/{out['model']}/{out['version']}", "--steps", "2", "--size",
+                     "32x32", "--out", str(tmp_path / "gen"), "--json"]) == 0
+    gen = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(gen["rewrites"]) == 1 and len(gen["images"]) == 1
     pre = client.get_run(out["pretrain_run_id"])
     losses = client.get_metric_history(pre.info.run_id, "train/loss")
     assert [m.step for m in losses] == [2, 3, 4, 6]  # every log_every and sample step
@@ -147,6 +183,8 @@ def test_tiny_pipeline_trains_and_tracks(prefect_server, dvc_repo: Path, capsys,
     assert cmp["b"]["parent_run_id"] == out["parent_run_id"]  # the version's own run
     assert cmp["scores"]["eval/overall"][0] == cmp["scores"]["eval/overall"][1]
     assert "compute/flops_total" in cmp["compute"] and cmp["params_differ"] == {}
+    assert cmp["system_prompt"]["hashes"] == [out["system_prompt_hash"]] * 2
+    assert cmp["system_prompt"]["diff"] == [] and "test/r/searched/overall" in cmp["reasoner"]
     assert cmp["protocol"]["prompts_per_category"] == 2  # the grid used the runs' own protocol
     flows = cmp["lineage"]["lens.prefect_flow_run_id"]
     assert flows[0] != flows[1] and Path(cmp["grid"]).is_file()

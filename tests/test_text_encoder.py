@@ -82,6 +82,16 @@ def test_minilm_truncates_at_max_length(minilm: LanguageEncoder) -> None:
     assert feats.shape == (1, 8, 24) and bool(mask.all())
 
 
+def test_truncates_says_whether_a_prompt_is_cut(minilm: LanguageEncoder,
+                                                qwen: LanguageEncoder) -> None:
+    """What the reasoner's rewrites are counted by: a prompt over max_length is cut short."""
+    short = LanguageEncoder(minilm.lm, minilm.tokenizer, [2, 5], 24, 8, minilm.source)
+    assert short.truncates(LONG) and not short.truncates("a red circle")
+    assert not minilm.truncates(LONG)  # 64 tokens hold it
+    # the template's end-of-turn and assistant header count towards max_length too
+    assert qwen.truncates(" ".join(["red"] * 31)) and not qwen.truncates(" ".join(["red"] * 20))
+
+
 def test_minilm_padding_does_not_change_a_prompt(minilm: LanguageEncoder) -> None:
     h_batch, m_batch = minilm.hidden([SHORT, LONG])
     h_alone, m_alone = minilm.hidden([SHORT])

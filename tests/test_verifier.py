@@ -191,6 +191,12 @@ def test_bad_specs_raise(spec: dict, words: str) -> None:
     assert words in str(err.value)
 
 
+def test_score_takes_the_reasoner_sets_wordings_as_categories() -> None:
+    result = score([("arithmetic", True), ("language", False), ("colors", True)])
+    assert result == {"colors": 1.0, "arithmetic": 1.0, "language": 0.0,
+                      "overall": pytest.approx(2 / 3)}
+
+
 def test_bad_score_input_raises() -> None:
     with pytest.raises(ValueError, match="'math'.*use one of: single_object"):
         score([("counting", True), ("math", False)])

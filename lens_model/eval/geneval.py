@@ -26,11 +26,13 @@ from lens_model.data.loader import to_signed
 from lens_model.data.world import BACKGROUNDS, PATTERNS, render
 from lens_model.eval.verifier import score, verify
 from lens_model.pipeline import LensPipeline, parse_size
+from lens_model.reasoner.grammar import prompt_set_r
 from lens_model.recipe import EvalSection
 from lens_model.text_encoder import TextConnector
 from lens_model.transformer import LensTransformer2DModel
 
 PROMPT_SET_VERSION = "shapes-geneval/1"  # bump when prompt_set or the verifier changes
+R_PROMPT_SET_VERSION = "shapes-geneval-r/1"  # the prompts that need a reasoner (grammar.py)
 
 # prompts and per-image seeds -> one RGB image each
 Generate = Callable[[list[str], list[int]], list[Image.Image]]
@@ -51,11 +53,12 @@ class EvalProtocol:
     version: str = PROMPT_SET_VERSION
 
     @classmethod
-    def from_recipe(cls, section: EvalSection) -> EvalProtocol:
-        """The protocol of a recipe's ``eval`` section."""
+    def from_recipe(cls, section: EvalSection,
+                    version: str = PROMPT_SET_VERSION) -> EvalProtocol:
+        """The protocol of a recipe's ``eval`` section, on the prompt set ``version``."""
         width, height = parse_size(section.size)
         return cls(section.prompts_per_category, section.prompt_seed, width, height,
-                   section.steps, section.cfg, section.sampler, section.seed)
+                   section.steps, section.cfg, section.sampler, section.seed, version)
 
     @classmethod
     def from_params(cls, params: dict[str, str]) -> EvalProtocol:
@@ -70,6 +73,11 @@ class EvalProtocol:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
     def prompts(self) -> list[Prompt]:
+        if self.version == R_PROMPT_SET_VERSION:
+            return prompt_set_r(self.prompts_per_category, self.prompt_seed)
+        if self.version != PROMPT_SET_VERSION:
+            raise ValueError(f"prompt set {self.version!r} is unknown; this code has "
+                             f"{PROMPT_SET_VERSION} and {R_PROMPT_SET_VERSION}")
         return prompt_set(self.prompts_per_category, self.prompt_seed)
 
 
@@ -89,9 +97,13 @@ class EvalReport:
                 "results": self.results}
 
 
-def evaluate(generate: Generate, protocol: EvalProtocol, batch_size: int = 32) -> EvalReport:
-    """Generate every prompt's image, verify it and score the categories."""
-    prompts = protocol.prompts()
+def evaluate(generate: Generate, protocol: EvalProtocol, batch_size: int = 32,
+             prompts: list[Prompt] | None = None) -> EvalReport:
+    """Generate every prompt's image, verify it and score the categories; ``prompts``
+    replaces the protocol's own (a dev set), under its sampling settings and seeds."""
+    prompts = protocol.prompts() if prompts is None else prompts
+    if not prompts:
+        raise ValueError("evaluate got no prompts: give at least one")
     images: list[Image.Image] = []
     start = time.perf_counter()
     for i in range(0, len(prompts), batch_size):
@@ -112,11 +124,12 @@ def evaluate(generate: Generate, protocol: EvalProtocol, batch_size: int = 32) -
 
 
 def pipeline_generator(pipe: LensPipeline, protocol: EvalProtocol) -> Generate:
-    """The protocol's sampling settings applied to ``pipe``."""
+    """The protocol's sampling settings applied to ``pipe``, on the prompts as given: a
+    reasoner saved with the model is not used (the search scores it explicitly)."""
     def generate(prompts: list[str], seeds: list[int]) -> list[Image.Image]:
         return pipe(prompts, width=protocol.width, height=protocol.height,
                     num_inference_steps=protocol.steps, guidance_scale=protocol.cfg,
-                    seed=seeds, sampler=protocol.sampler).images
+                    seed=seeds, sampler=protocol.sampler, reasoner=False).images
     return generate
 
 

@@ -35,6 +35,7 @@ from lens_model.data.world import (
     Scene,
     draw_shape,
 )
+from lens_model.reasoner.grammar import KINDS
 
 # Lab distance past which a pixel matches no palette entry: blur mixes edges into in-between
 # colours, left unclassified here and weighed by ``coverage``. Object colours are >= 28 apart
@@ -343,7 +344,9 @@ def verify(image: ImageLike, spec: dict[str, Any]) -> tuple[bool, str]:
 
 
 def score(results: list[tuple[str, bool]]) -> dict[str, float]:
-    """Per-category accuracy (categories present) and ``overall``, their unweighted mean."""
+    """Per-category accuracy (categories present) and ``overall``, their unweighted mean.
+    Categories are shapes-GenEval's and shapes-GenEval-R's wordings (grammar.KINDS)."""
+    known = CATEGORIES + KINDS
     if not results:
         raise ValueError("score: no results; pass a list of (category, passed) pairs")
     per: dict[str, list[bool]] = {}
@@ -352,10 +355,10 @@ def score(results: list[tuple[str, bool]]) -> dict[str, float]:
             raise ValueError(f"score: results[{i}] = {result!r} is not a (category, passed) "
                              "pair")
         category, passed = result
-        if category not in CATEGORIES:
+        if category not in known:
             raise ValueError(f"score: results[{i}] category {category!r} is unknown; use one "
-                             f"of: {', '.join(CATEGORIES)}")
+                             f"of: {', '.join(known)}")
         per.setdefault(category, []).append(bool(passed))
-    out = {c: sum(v) / len(v) for c in CATEGORIES if (v := per.get(c))}
+    out = {c: sum(v) / len(v) for c in known if (v := per.get(c))}
     out["overall"] = sum(out.values()) / len(out)
     return out

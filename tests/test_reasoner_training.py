@@ -1,0 +1,93 @@
+"""Training the reasoner LM: its examples, its held-out split, its schedule and its score."""
+
+from __future__ import annotations
+
+import random
+
+from lens_model.reasoner import grammar
+from lens_model.reasoner.base import new_stats
+from lens_model.reasoner.rules import RULES, parse
+from lens_model.reasoner.training import (
+    changes,
+    heldout_request,
+    heldout_rules,
+    heldout_set,
+    rule_following,
+    sample_chat,
+)
+
+
+def test_training_chats_never_touch_the_heldout_side() -> None:
+    rng = random.Random(0)
+    chats = [sample_chat(rng, 4) for _ in range(400)]
+    assert not any(heldout_rules(c.names) for c in chats)
+    assert not any(heldout_request(q) for c in chats for q in c.requests)
+    held = [sample_chat(rng, 2, heldout=True) for _ in range(100)]
+    assert all(heldout_rules(c.names) for c in held)
+    assert all(heldout_request(q) for c in held for q in c.requests)
+
+
+def test_the_split_ignores_order_phrasing_and_wording() -> None:
+    """A rule set is held out whatever its order; a request whatever its wording, so that a
+    French or crimson wording of a held-out request is never trained on either."""
+    names = list(RULES)[:4]
+    assert heldout_rules(names) == heldout_rules(names[::-1])
+    rng = random.Random(1)
+    for _ in range(200):
+        req = grammar.sample_request(rng)
+        for kind in grammar.kinds_for(req):
+            assert heldout_request(grammar.harden(req, kind, rng)) == heldout_request(req)
+
+
+def test_both_sides_of_the_split_are_used() -> None:
+    """About one in eight rule sets and one in eight requests are held out: neither side is
+    empty or everything."""
+    rng = random.Random(2)
+    reqs = [grammar.sample_request(rng) for _ in range(2000)]
+    share = sum(map(heldout_request, reqs)) / len(reqs)
+    assert 0.06 < share < 0.2
+    sets = [[n for n in RULES if rng.random() < 0.5] for _ in range(2000)]
+    share = sum(map(heldout_rules, sets)) / len(sets)
+    assert 0.06 < share < 0.2
+
+
+def test_answers_apply_exactly_the_prompts_rules() -> None:
+    rng = random.Random(4)
+    chat = sample_chat(rng, 3)
+    for (user, answer), req in zip(chat.turns(), chat.requests, strict=True):
+        assert user == grammar.render(req)
+        assert answer == grammar.rewrite(chat.names, req)
+
+
+def test_heldout_set_has_each_rule_at_work() -> None:
+    examples = heldout_set(4, seed=0)
+    assert sorted({r for _, r in examples}) == sorted(RULES)
+    for chat, rule in examples:
+        assert rule in chat.names and len(chat.requests) == 1
+        assert changes(rule, chat.names, chat.requests[0])
+        assert heldout_rules(chat.names) and heldout_request(chat.requests[0])
+    assert [c.system for c, _ in examples] == [c.system for c, _ in heldout_set(4, seed=0)]
+
+
+class Oracle:
+    """Answers with the grammar's rewrite, but only for the rules it is told to know: a
+    reasoner that reads its system prompt, for scoring without a trained model."""
+
+    def __init__(self, known: set[str], requests: list[grammar.Request]) -> None:
+        self.known = known
+        self.by_text = {grammar.render(q): q for q in requests}
+        self.stats = new_stats()
+
+    def rewrite(self, system_prompt: str, prompts: list[str]) -> list[str]:
+        names = [r.name for r in parse(system_prompt)[0] if r.name in self.known]
+        return [grammar.rewrite(names, self.by_text[p]) for p in prompts]
+
+
+def test_rule_following_scores_each_rule_by_exact_match() -> None:
+    examples = heldout_set(6, seed=1)
+    requests = [c.requests[0] for c, _ in examples]
+    scores = rule_following(Oracle(set(RULES) - {"english"}, requests), examples)
+    assert scores["rule/english"] == 0.0
+    assert 0.0 < scores["exact"] < 1.0
+    perfect = rule_following(Oracle(set(RULES), requests), examples)
+    assert perfect == {**{f"rule/{r}": 1.0 for r in RULES}, "exact": 1.0}
