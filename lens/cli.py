@@ -1,7 +1,8 @@
 """The ``lens`` command line.
 
-    lens run [RECIPE]                      the main job: data -> vae -> pretrain -> evaluate
-                                           -> register -> promote, on a recipe
+    lens run [RECIPE]                      the main job: data -> vae -> pretrain -> rl ->
+                                           reasoner -> search -> evaluate -> register ->
+                                           promote, on a recipe
     lens data RECIPE [--set k=v] [--json]  the Prefect data flow: validated, DVC-versioned data
     lens data ingest PATH... --out DIR     ingest user data (folders, WebDataset tars, Parquet)
     lens data prepare|validate --params P  the DVC stages (``dvc repro`` runs these)
@@ -15,6 +16,7 @@
     lens promote NAME VERSION [--dry-run]  gate a version and move @champion to it
     lens promote NAME --rollback           move @champion back to the one it replaced
     lens compare A B [--json]              two runs (ids or NAME/VERSION) side by side
+    lens search RECIPE --model M           the reasoner's system prompt searched for model M
     lens services up|down|status           the team MLflow + Prefect servers (PostgreSQL, S3,
                                            MLflow auth); settings from the environment
     lens infra render|check|setup|serve|worker  infra files, work pools and limits (lens/infra.py)
@@ -115,6 +117,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         "stages    " + ", ".join(f"{k} {v:.1f}s" for k, v in result["stages"].items()),
         f"pipeline  MLflow parent run {result['parent_run_id']}"])
     _emit(out, args.json, human)
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from flows.reasoner import run
+    from tasks.report import number as _num
+
+    result = run(args.recipe, args.model, args.overrides)
+    test = result["test"]
+    human = "\n".join([
+        f"system prompt {result['hash']} ({result['rounds']} rounds, stopped by "
+        f"{result['stopped']}; search run {result['run_id']}), saved to {result['path']}:",
+        *(f"    {line}" for line in result["system_prompt"].splitlines()),
+        *(f"{cond:<15} overall {_num(scores['overall'])}" for cond, scores in test.items())])
+    _emit(result, args.json, human)
     return 0
 
 
@@ -480,6 +497,14 @@ def parser() -> argparse.ArgumentParser:
                      "(default: when it has one); the rewrites are printed")
     gen.add_argument("--json", action="store_true")
     gen.set_defaults(func=cmd_generate)
+
+    srch = sub.add_parser("search", help="search the reasoner's system prompt for one model")
+    srch.add_argument("recipe", help="the recipe whose reasoner and search settings to use")
+    srch.add_argument("--model", required=True, help="a saved LensPipeline folder, a training "
+                      "run's final/ folder, or models:/NAME@ALIAS | NAME/VERSION")
+    srch.add_argument("--json", action="store_true")
+    _overrides(srch)
+    srch.set_defaults(func=cmd_search)
 
     prom = sub.add_parser("promote", help="gate a model version and move @champion to it")
     prom.add_argument("name", help="registered model name")

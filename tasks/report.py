@@ -36,6 +36,11 @@ def pipeline_report(recipe: str, result: dict[str, Any], runs: dict[str, str]) -
                        for k, v in result["scores"].items())
     promotion = result["promotion"]
     rl = result["rl"]
+    reasoner = result["reasoner"]
+    test = reasoner["test"]
+    r_rows = "\n".join(f"| {k} | {test['r/none'].get(k, 0.0):.3f} | "
+                        f"{test['r/seed'].get(k, 0.0):.3f} | {v:.3f} |"
+                        for k, v in test["r/searched"].items())
     hacking = ("\n\n**Reward hacking:** the RL run's gold score fell while its training reward "
                "rose; check its sample grids before promoting." if rl["reward_hacking"] else "")
     markdown = f"""# Lens pipeline: `{recipe}`
@@ -54,6 +59,13 @@ RL: training reward {number(rl['reward_start'])} -> {number(rl['reward_end'])}, 
 | shapes-GenEval (`{result['eval_hash']}`) | score | before RL | untrained |
 |---|---|---|---|
 {scores}
+
+Reasoner: held-out rule following {number(reasoner['heldout'].get('exact'))}; searched system
+prompt `{reasoner['hash']}` ({len(reasoner['curve']) - 1} rounds). Its test split:
+
+| shapes-GenEval-R | no reasoner | seed prompt | searched prompt |
+|---|---|---|---|
+{r_rows}
 """
     return str(create_markdown_artifact(key=f"lens-pipeline-{recipe}", markdown=markdown,
                                         description=f"pipeline run of recipe {recipe}"))

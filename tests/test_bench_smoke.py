@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from flows.pipeline import STAGES
+
 REPO = Path(__file__).resolve().parents[1]
 
 GPU_TRAIN_KEYS = {
@@ -121,8 +123,7 @@ def test_pipeline_bench_splits_wall_time_into_compute_and_overhead(tmp_path: Pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads((tmp_path / "p.json").read_text())
     first, rerun = got["runs"]
-    assert set(first["stages_compute_s"]) == {"data", "vae", "pretrain", "evaluate", "register",
-                                              "promote"}
+    assert set(first["stages_compute_s"]) == set(STAGES)
     assert 0 < first["compute_s"] < first["wall_s"] and 0 < got["overhead_fraction"] < 1
     split = first["overhead_split_s"]
     assert split["dvc_s"] > 0 and split["mlflow_s"] > 0  # dvc commit + push; runs, models
@@ -156,3 +157,26 @@ def test_learning_bench_scores_every_snapshot_against_compute(tmp_path: Path,
     assert rescored["pipeline_s"] is None
     assert [(p["step"], p["scores"]) for p in rescored["points"]] == [
         (p["step"], p["scores"]) for p in got["points"]]
+
+
+@pytest.mark.slow
+def test_reasoner_bench_reports_the_searched_prompt_on_the_test_split(tmp_path: Path,
+                                                                      dvc_repo: Path) -> None:
+    from tests.test_pipeline import SHORT
+
+    args = sum((["--set", s] for s in SHORT), [])
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "reasoner_bench.py"),
+                           "--recipe", "tiny", *args, "--repo", str(dvc_repo),
+                           "--long-caption-prob", "0.5", "--out", str(tmp_path / "r.json")],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads((tmp_path / "r.json").read_text())
+    model = got["model"]
+    assert set(model["test"]) == {"r/none", "r/seed", "r/searched", "plain/none",
+                                  "plain/searched"}
+    r = model["test"]
+    assert model["r_gain_vs_none"] == pytest.approx(r["r/searched"]["overall"]
+                                                    - r["r/none"]["overall"])
+    assert isinstance(got["within_target"], bool) and model["system_prompt"]
+    assert got["long_captions"]["long_caption_prob"] == 0.5
+    assert isinstance(got["long_captions"]["picked_long_rule"], bool)

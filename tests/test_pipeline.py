@@ -144,6 +144,13 @@ def test_tiny_pipeline_trains_and_tracks(prefect_server, dvc_repo: Path, capsys,
                      "32x32", "--out", str(tmp_path / "gen"), "--json"]) == 0
     gen = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(gen["rewrites"]) == 1 and len(gen["images"]) == 1
+    # the search alone, for the registered version and with its own reasoner
+    assert cli.main(["search", "tiny", "--model", f"models:/{out['model']}/{out['version']}",
+                     "--json", *sum((["--set", s] for s in SHORT), [])]) == 0
+    alone = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert alone["reasoner_dir"].endswith("/reasoner") and alone["hash"]
+    assert set(alone["test"]) == {"r/none", "r/seed", "r/searched", "plain/none",
+                                  "plain/searched"}
     pre = client.get_run(out["pretrain_run_id"])
     losses = client.get_metric_history(pre.info.run_id, "train/loss")
     assert [m.step for m in losses] == [2, 3, 4, 6]  # every log_every and sample step

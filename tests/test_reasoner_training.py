@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
+
+import pytest
+import torch
 
 from lens_model.reasoner import grammar
 from lens_model.reasoner.base import new_stats
-from lens_model.reasoner.rules import RULES, parse
+from lens_model.reasoner.lm import HFReasoner
+from lens_model.reasoner.rules import HEADER, RULES, parse
 from lens_model.reasoner.training import (
     changes,
     heldout_request,
@@ -14,7 +19,12 @@ from lens_model.reasoner.training import (
     heldout_set,
     rule_following,
     sample_chat,
+    train_reasoner,
 )
+from lens_model.recipe import ReasonerSection
+
+# The settings the mechanism test trains with (what it takes: docs/reasoner.md).
+MECHANISM = {"steps": 5000, "train_batch": 8, "lr": 2e-3, "warmup_steps": 30}
 
 
 def test_training_chats_never_touch_the_heldout_side() -> None:
@@ -91,3 +101,29 @@ def test_rule_following_scores_each_rule_by_exact_match() -> None:
     assert 0.0 < scores["exact"] < 1.0
     perfect = rule_following(Oracle(set(RULES), requests), examples)
     assert perfect == {**{f"rule/{r}": 1.0 for r in RULES}, "exact": 1.0}
+
+
+def test_train_reasoner_saves_a_loadable_model_and_logs_its_curve(tmp_path: Path) -> None:
+    section = ReasonerSection(steps=5, train_batch=2, turns=2, hidden_size=32, layers=2,
+                              heads=2, vocab_size=400, warmup_steps=2, log_every=2)
+    logged: list[tuple[int, float, float]] = []
+    out = train_reasoner(section, 0, tmp_path / "r", lambda *row: logged.append(row))
+    assert [step for step, _, _ in logged] == [0, 2, 4]
+    assert all(loss > 0 for _, loss, _ in logged) and logged[0][2] < logged[1][2]
+    assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors",
+                                              "tokenizer.json"}
+    reasoner = HFReasoner(out, max_new_tokens=4)
+    assert len(reasoner.rewrite(HEADER + "\nDo not mention colours.", ["a red circle"])) == 1
+    assert not list(tmp_path.glob(".r*"))  # the atomic write left no temporary folder
+
+
+@pytest.mark.slow
+def test_trained_reasoner_follows_each_rule_on_heldout_prompts(tmp_path: Path) -> None:
+    """The mechanism target: trained only on the training side of both splits, the small
+    reasoner applies each rule exactly on held-out rule sets and request contents, at least
+    0.9 of the time per rule. Slow: about 25 minutes on 2 CPU cores."""
+    torch.set_num_threads(2)
+    section = ReasonerSection(**MECHANISM)
+    train_reasoner(section, 0, tmp_path / "r")
+    scores = rule_following(HFReasoner(tmp_path / "r", max_new_tokens=64), heldout_set(30, 0))
+    assert all(scores[f"rule/{r}"] >= 0.9 for r in RULES), scores

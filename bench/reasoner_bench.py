@@ -1,0 +1,98 @@
+"""The reasoner's effect: shapes-GenEval-R and shapes-GenEval with and without it, one run.
+
+    python bench/reasoner_bench.py [--recipe small] [--set section.key=value ...] \\
+        [--long-caption-prob 0.5] [--out bench/results/reasoner_bench.json]
+
+It runs the recipe's pipeline (data -> ... -> rl -> reasoner -> search -> ...; stages that
+exist are reused) and reads the search stage's report on the held-out test split, which the
+search never scored: shapes-GenEval-R with no reasoner, with the seed system prompt and with
+the searched one, and plain shapes-GenEval with no reasoner and with the searched prompt.
+Targets: searched - none >= +0.30 and searched - seed >= +0.05 on shapes-GenEval-R, and
+plain shapes-GenEval down by at most 0.02. With ``--long-caption-prob P`` it runs the recipe a
+second time with ``pretrain.short_caption_prob=1-P`` (a model trained on long captions too)
+and reports its plain scores with and without the reasoner, and whether its searched prompt
+holds the long-caption rule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+MIN_GAIN_NONE, MIN_GAIN_SEED, MAX_PLAIN_DROP = 0.30, 0.05, 0.02
+
+
+def _side(result: dict[str, Any]) -> dict[str, Any]:
+    """One pipeline run's reasoner figures."""
+    from lens_model.reasoner.rules import parse
+
+    r = result["reasoner"]
+    test = r["test"]
+    rules = [ref.name for ref in parse(r["system_prompt"])[0]]
+    return {"system_prompt": r["system_prompt"], "system_prompt_hash": r["hash"],
+            "rules": rules, "heldout_rule_following": r["heldout"], "curve": r["curve"],
+            "test": test,
+            "r_gain_vs_none": test["r/searched"]["overall"] - test["r/none"]["overall"],
+            "r_gain_vs_seed": test["r/searched"]["overall"] - test["r/seed"]["overall"],
+            "plain_change": test["plain/searched"]["overall"] - test["plain/none"]["overall"],
+            "stages_s": result["stages"], "search_run_id": result.get("run.search")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipe", default="small")
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--repo", default=str(REPO), help="the DVC repo the data flow uses")
+    ap.add_argument("--long-caption-prob", type=float, default=None,
+                    help="also run a model trained with this share of long captions")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "reasoner_bench.json"))
+    args = ap.parse_args(argv)
+    if args.long_caption_prob is not None and not 0 < args.long_caption_prob <= 1:
+        ap.error(f"--long-caption-prob {args.long_caption_prob}: give a share in (0, 1]")
+    sys.path.insert(0, str(REPO))
+    from lens import defaults
+    from lens_model import atomic
+
+    defaults.apply()
+    from flows.pipeline import run
+    from lens_model.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    start = time.perf_counter()
+    main_side = _side(run(args.recipe, args.overrides, args.repo))
+    main_side["pipeline_s"] = time.perf_counter() - start
+    out: dict[str, Any] = {
+        "benchmark": "reasoner_bench", "recipe": args.recipe, "recipe_hash": recipe.hash(),
+        "overrides": args.overrides, "cpus": os.cpu_count(), "model": main_side,
+        "targets": {"r_gain_vs_none": MIN_GAIN_NONE, "r_gain_vs_seed": MIN_GAIN_SEED,
+                    "max_plain_drop": MAX_PLAIN_DROP},
+        "within_target": bool(main_side["r_gain_vs_none"] >= MIN_GAIN_NONE
+                              and main_side["r_gain_vs_seed"] >= MIN_GAIN_SEED
+                              and main_side["plain_change"] >= -MAX_PLAIN_DROP)}
+    if args.long_caption_prob is not None:
+        long_set = [*args.overrides,
+                    f"pretrain.short_caption_prob={1 - args.long_caption_prob:g}"]
+        start = time.perf_counter()
+        side = _side(run(args.recipe, long_set, args.repo))
+        side["pipeline_s"] = time.perf_counter() - start
+        side["picked_long_rule"] = "long" in side["rules"]
+        out["long_captions"] = {"long_caption_prob": args.long_caption_prob, **side}
+    atomic.write_text(args.out, json.dumps(out, indent=2, default=float) + "\n")
+    summary = {"r_gain_vs_none": main_side["r_gain_vs_none"],
+               "r_gain_vs_seed": main_side["r_gain_vs_seed"],
+               "plain_change": main_side["plain_change"], "rules": main_side["rules"],
+               "within_target": out["within_target"]}
+    if "long_captions" in out:
+        summary["long_captions_rules"] = out["long_captions"]["rules"]
+    print(json.dumps(summary, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
