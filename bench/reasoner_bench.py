@@ -28,10 +28,13 @@ REPO = Path(__file__).resolve().parents[1]
 MIN_GAIN_NONE, MIN_GAIN_SEED, MAX_PLAIN_DROP = 0.30, 0.05, 0.02
 
 
-def _side(result: dict[str, Any]) -> dict[str, Any]:
-    """One pipeline run's reasoner figures."""
+def _side(recipe: str, overrides: list[str], repo: str) -> dict[str, Any]:
+    """Run the pipeline once and return its reasoner figures and wall time."""
+    from flows.pipeline import run
     from lens_model.reasoner.rules import parse
 
+    start = time.perf_counter()
+    result = run(recipe, overrides, repo)
     r = result["reasoner"]
     test = r["test"]
     rules = [ref.name for ref in parse(r["system_prompt"])[0]]
@@ -41,7 +44,8 @@ def _side(result: dict[str, Any]) -> dict[str, Any]:
             "r_gain_vs_none": test["r/searched"]["overall"] - test["r/none"]["overall"],
             "r_gain_vs_seed": test["r/searched"]["overall"] - test["r/seed"]["overall"],
             "plain_change": test["plain/searched"]["overall"] - test["plain/none"]["overall"],
-            "stages_s": result["stages"], "search_run_id": result.get("run.search")}
+            "stages_s": result["stages"], "search_run_id": result.get("run.search"),
+            "pipeline_s": time.perf_counter() - start}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,13 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     from lens_model import atomic
 
     defaults.apply()
-    from flows.pipeline import run
     from lens_model.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    start = time.perf_counter()
-    main_side = _side(run(args.recipe, args.overrides, args.repo))
-    main_side["pipeline_s"] = time.perf_counter() - start
+    main_side = _side(args.recipe, args.overrides, args.repo)
     out: dict[str, Any] = {
         "benchmark": "reasoner_bench", "recipe": args.recipe, "recipe_hash": recipe.hash(),
         "overrides": args.overrides, "cpus": os.cpu_count(), "model": main_side,
@@ -78,9 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.long_caption_prob is not None:
         long_set = [*args.overrides,
                     f"pretrain.short_caption_prob={1 - args.long_caption_prob:g}"]
-        start = time.perf_counter()
-        side = _side(run(args.recipe, long_set, args.repo))
-        side["pipeline_s"] = time.perf_counter() - start
+        side = _side(args.recipe, long_set, args.repo)
         side["picked_long_rule"] = "long" in side["rules"]
         out["long_captions"] = {"long_caption_prob": args.long_caption_prob, **side}
     atomic.write_text(args.out, json.dumps(out, indent=2, default=float) + "\n")
