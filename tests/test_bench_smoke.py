@@ -54,6 +54,9 @@ def _positive(*values: Any) -> None:
         assert isinstance(v, int | float) and math.isfinite(v) and v > 0, v
 
 
+# slow: 45 s of two training runs; the engine and pretrain tests cover the trainer in the
+# default run, this checks the bench's comparison (make test-all)
+@pytest.mark.slow
 def test_train_bench_compares_deepspeed_with_plain_pytorch(tmp_path: Path) -> None:
     got = _run("train_bench.py", tmp_path / "train.json", "--steps", "2", "--warmup", "1",
                "--rounds", "1", "--samples", "4", "--text-tokens", "24", "--threads", "1")

@@ -77,6 +77,9 @@ def test_flow_versions_tracks_and_reuses_cache(prefect_server, dvc_repo: Path) -
     assert back["dvc_hash"] == first["dvc_hash"] and back["shard_tasks_cached"] == 0
 
 
+# slow: a second full data flow on Dask (40 s); the default run keeps the threaded runner's
+# flow, this checks the Dask runner gives the same bytes (make test-all)
+@pytest.mark.slow
 def test_dask_runner_gives_the_same_dataset(prefect_server, dvc_repo: Path) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId

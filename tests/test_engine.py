@@ -232,6 +232,44 @@ def test_stateful_extras_are_checkpointed_and_restored(tmp_path: Path) -> None:
         train(STEPS + 2, name="other")
 
 
+def _with_critic(ckpt: str, steps: int, model_seed: int = 0) -> tuple[Trainer, Any]:
+    """A trainer whose loss first takes two steps of a companion engine (TTUR, as
+    distillation's critic does), with its own betas and one param group at another LR."""
+    torch.manual_seed(model_seed)
+    holder: dict[str, Any] = {}
+
+    def loss(engine: Any, batch: Any) -> torch.Tensor:
+        for _ in range(2):
+            critic = holder["critic"]
+            critic.backward(mse_loss(critic, batch) + 0.1 * torch.rand(()))
+            critic.step()
+        return mse_loss(engine, batch)
+
+    trainer = Trainer(TinyNet(), loss, config(ckpt))
+    net = TinyNet()
+    holder["critic"] = trainer.add_companion(
+        "critic", net, config(ckpt, betas=(0.0, 0.9), ema_decay=None),
+        [{"params": list(net.body.parameters())},
+         {"params": list(net.head.parameters()), "lr": 1e-2}])
+    trainer.fit(RandomBatches(seed=3), steps)
+    return trainer, holder["critic"]
+
+
+def test_a_companion_engine_resumes_exactly_with_the_main_one(tmp_path: Path) -> None:
+    straight, critic = _with_critic(str(tmp_path / "a"), STEPS)
+    want = {n: p.detach().clone() for n, p in critic.module.named_parameters()}
+    assert critic.optimizer.param_groups[1]["lr"] != critic.optimizer.param_groups[0]["lr"]
+    _with_critic(str(tmp_path / "b"), STEPS // 2)
+    resumed, critic = _with_critic(str(tmp_path / "b"), STEPS, model_seed=5)
+    assert resumed.resumed_from == checkpoint.step_dir(tmp_path / "b", STEPS // 2)
+    _same({n: p.detach() for n, p in critic.module.named_parameters()}, want)
+    _same(final_state(resumed), final_state(straight))
+    # a checkpoint written with a critic is refused by a run without one, by name
+    plain = Trainer(TinyNet(), mse_loss, config(str(tmp_path / "b")))
+    with pytest.raises(ValueError, match=r"holds the engines \['main', 'critic'\]"):
+        plain.fit(RandomBatches(seed=3), STEPS + 2)
+
+
 def test_straight_run_logs_warmup_and_keeps_the_last_checkpoints(
         straight: dict[str, Any]) -> None:
     log, ckpt = straight["log"], straight["ckpt"]

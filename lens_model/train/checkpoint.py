@@ -4,7 +4,8 @@ and loaded only when every file in them is one this trainer wrote.
 One checkpoint is a folder ``step-00001000/`` holding
 
 - ``deepspeed/``: ``engine.save_checkpoint`` output (model, optimizer, LR scheduler). These are
-  DeepSpeed's own ``torch.save`` files, read back only by ``engine.load_checkpoint``;
+  DeepSpeed's own ``torch.save`` files, read back only by ``engine.load_checkpoint``; engines
+  trained beside the main one (companions) save under ``deepspeed/companions/<name>/``;
 - ``ema.safetensors``: the EMA shadow (rank 0 writes it; under ZeRO 0-2 all ranks hold the same);
 - ``rank-00003.json``: that rank's step, loader state and Python/NumPy RNG states;
 - ``rank-00003.safetensors``: that rank's torch CPU (and CUDA) RNG states;
@@ -344,11 +345,12 @@ def _write_manifest(tmp: Path, step: int, world: int) -> None:
 
 def save(ckpt_dir: str | Path, step: int, engine: Any, ema: EMA | None,
          loader_state: dict[str, Any], rng: dict[str, RngState], keep_last: int,
-         meta: dict[str, Any] | None = None) -> Path:
+         meta: dict[str, Any] | None = None, companions: dict[str, Any] | None = None) -> Path:
     """Write checkpoint ``step`` on every rank (a collective call); returns its folder.
 
     ``rng`` maps stream names to states (e.g. ``{"train": ..., "data": ...}``); ``meta`` is
-    extra JSON stored in ``meta.json``.
+    extra JSON stored in ``meta.json``; ``companions`` are further engines trained beside the
+    main one (distillation's critic), each saved under ``deepspeed/companions/<name>``.
     """
     rank, world = _world()
     root = Path(ckpt_dir)
@@ -363,6 +365,8 @@ def save(ckpt_dir: str | Path, step: int, engine: Any, ema: EMA | None,
         raise RuntimeError(f"rank {rank} cannot see {tmp}, which rank 0 created; put ckpt_dir "
                            f"on a filesystem all ranks share")
     engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False)
+    for name, other in sorted((companions or {}).items()):
+        other.save_checkpoint(str(tmp), tag=_companion_tag(name), save_latest=False)
 
     try:
         own = json.dumps({"step": step, "rank": rank, "world_size": world,
@@ -391,7 +395,8 @@ def save(ckpt_dir: str | Path, step: int, engine: Any, ema: EMA | None,
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*")
                        if p.is_file() and not p.name.startswith(_PARTIAL))
         write_json(tmp / META, {"step": step, "world_size": world, "ema": ema is not None,
-                                "files": files, **(meta or {})})
+                                "companions": sorted(companions or {}), "files": files,
+                                **(meta or {})})
         _write_manifest(tmp, step, world)
         _fsync_dir(tmp)
         if final.exists():  # re-saving a step: move the old one aside, then swap in the new
@@ -405,6 +410,12 @@ def save(ckpt_dir: str | Path, step: int, engine: Any, ema: EMA | None,
     return final
 
 
+def _companion_tag(name: str) -> str:
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        raise ValueError(f"companion engine name {name!r}: use lowercase letters, digits and _")
+    return f"{DS_TAG}/companions/{name}"
+
+
 @dataclass
 class Restored:
     """What a checkpoint gives back besides the engine and EMA it loads into."""
@@ -416,9 +427,11 @@ class Restored:
     meta: dict[str, Any]
 
 
-def load(path: str | Path, engine: Any, ema: EMA | None) -> Restored:
-    """Load a checkpoint folder into ``engine`` and ``ema`` on every rank (a collective call),
-    after :func:`verify` has found every file in it to be one this trainer wrote.
+def load(path: str | Path, engine: Any, ema: EMA | None,
+         companions: dict[str, Any] | None = None) -> Restored:
+    """Load a checkpoint folder into ``engine``, ``ema`` and ``companions`` on every rank (a
+    collective call), after :func:`verify` has found every file in it to be one this trainer
+    wrote.
 
     RNG states come back in ``Restored.rng``; restoring them is the caller's choice.
     """
@@ -436,11 +449,18 @@ def load(path: str | Path, engine: Any, ema: EMA | None) -> Restored:
     if ema is not None and not meta["ema"]:
         raise ValueError(f"{path} holds no EMA but this run keeps one; resume with EMA off or "
                          f"from a checkpoint saved with EMA")
-    loaded, _ = engine.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
-                                       load_lr_scheduler_states=True)
-    if loaded is None:
-        raise FileNotFoundError(f"DeepSpeed found no engine checkpoint under {path / DS_TAG}; "
-                                f"the checkpoint is damaged, resume from an older one")
+    saved = meta.get("companions", [])
+    if sorted(companions or {}) != saved:
+        raise ValueError(f"{path} holds the engines {['main', *saved]} but this run trains "
+                         f"{['main', *sorted(companions or {})]}; resume it with the program "
+                         f"that wrote it, or start from a fresh ckpt_dir")
+    for tag, eng in [(DS_TAG, engine), *((_companion_tag(n), e)
+                                         for n, e in sorted((companions or {}).items()))]:
+        loaded, _ = eng.load_checkpoint(str(path), tag=tag, load_optimizer_states=True,
+                                        load_lr_scheduler_states=True)
+        if loaded is None:
+            raise FileNotFoundError(f"DeepSpeed found no engine checkpoint under {path / tag}; "
+                                    f"the checkpoint is damaged, resume from an older one")
     if ema is not None:
         ema.load(path / EMA_FILE)
     own = json.loads((path / f"{_rank_name(rank)}.json").read_text())

@@ -255,9 +255,31 @@ class Trainer:
         # More state for checkpoints: name -> an object with JSON state_dict()/load_state_dict()
         # (the compute ledger, say), saved in meta.json and restored on resume.
         self.stateful: dict[str, Any] = {}
+        # Engines trained beside the main one, by the loss or step callbacks (distillation's
+        # critic): checkpointed and restored with it.
+        self.companions: dict[str, Any] = {}
         self.resumed_from: Path | None = None
         self._restored = False
         self._saved_step: int | None = None
+
+    def add_companion(self, name: str, model: nn.Module, config: TrainConfig,
+                      param_groups: list[dict[str, Any]] | None = None) -> Any:
+        """A second DeepSpeed engine for ``model`` (AdamW, clipping and precision from
+        ``config``; ``param_groups`` may give groups their own ``lr``), saved and restored with
+        this trainer's checkpoints. Add companions before ``restore``/``fit``."""
+        import deepspeed
+
+        if self._restored:
+            raise RuntimeError(f"add companion {name!r} before restore() or fit(): a resume "
+                               f"already happened without it")
+        ds = build_ds_config(config)
+        _check_agrees(ds, config)
+        params = param_groups or [p for p in model.parameters() if p.requires_grad]
+        engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=params, config=ds,
+            lr_scheduler=lambda opt: LambdaLR(opt, lr_multiplier(config.warmup_steps)))
+        self.companions[name] = engine
+        return engine
 
     @property
     def module(self) -> nn.Module:
@@ -292,7 +314,7 @@ class Trainer:
         if path is None:
             return self.step
         self._stateful(batches)
-        got = checkpoint.load(path, self.engine, self.ema)
+        got = checkpoint.load(path, self.engine, self.ema, self.companions)
         batches.load_state_dict(got.loader_state)
         got.rng["train"].restore()
         self._data_rng = got.rng.get("data", self._data_rng)
@@ -316,7 +338,8 @@ class Trainer:
                                meta={"zero_stage": self.config.zero_stage,
                                      "precision": self.config.precision,
                                      "state": {k: v.state_dict()
-                                               for k, v in self.stateful.items()}})
+                                               for k, v in self.stateful.items()}},
+                               companions=self.companions)
         self._saved_step = self.step
         return path
 
