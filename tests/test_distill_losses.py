@@ -95,3 +95,26 @@ def test_ida_moves_the_fake_score_toward_the_student_and_checks_shapes() -> None
         ida_update(fake, nn.Linear(4, 2), mu=0.03)
     with pytest.raises(ValueError, match="ida_mu 1.5"):
         ida_update(fake, student, mu=1.5)
+
+
+def test_ida_moves_deepspeeds_fp32_master_under_bf16_zero2() -> None:
+    """The optimizer copies its fp32 masters over the bf16 module after each step: IDA on the
+    module alone would be undone by the next step."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from lens_model.train.engine import TrainConfig, Trainer
+
+    torch.manual_seed(0)
+    fake, student = nn.Linear(8, 4), nn.Linear(8, 4)
+    trainer = Trainer(nn.Linear(2, 1), lambda e, b: e(b).sum(),
+                      TrainConfig(lr=1e-9, precision="bf16", zero_stage=2, ema_decay=None))
+    engine = trainer.add_companion("fake", fake, TrainConfig(lr=1e-9, precision="bf16",
+                                                             zero_stage=2, ema_decay=None))
+    before = safe_get_full_fp32_param(engine.module.weight).clone()
+    ida_update(engine.module, student, mu=0.25)
+    want = 0.75 * before + 0.25 * student.weight.detach()
+    torch.testing.assert_close(safe_get_full_fp32_param(engine.module.weight), want)
+    # a step with no gradient: the module must come back from the moved master
+    engine.backward(engine(torch.zeros(1, 8, dtype=torch.bfloat16)).float().sum() * 0)
+    engine.step()
+    torch.testing.assert_close(engine.module.weight.float(), want, atol=1e-2, rtol=0)

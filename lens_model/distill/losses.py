@@ -125,7 +125,13 @@ def discriminator_loss(real_logits: Tensor, fake_logits: Tensor, real_logits_per
 @torch.no_grad()
 def ida_update(fake: nn.Module, student: nn.Module, mu: float) -> None:
     """IDA: the fake score's weights move toward the student's, phi <- (1 - mu) phi + mu theta,
-    so the fake score starts each round near the distribution the student now draws."""
+    so the fake score starts each round near the distribution the student now draws.
+
+    Under DeepSpeed's ZeRO 1-3 or bf16 the optimizer keeps fp32 master weights that it copies
+    back over the module's after each step, so the master is what must move (and the module's
+    copy with it, for the forwards before that step); every rank calls this (a collective)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
     if not 0 <= mu <= 1:
         raise ValueError(f"distill.ida_mu {mu}: must be in [0, 1]")
     theta = dict(student.named_parameters())
@@ -133,4 +139,12 @@ def ida_update(fake: nn.Module, student: nn.Module, mu: float) -> None:
         if name not in theta or theta[name].shape != phi.shape:
             raise ValueError(f"IDA needs the fake score and the student to share shapes; "
                              f"{name} differs (give both the teacher's architecture)")
-        phi.lerp_(theta[name].to(phi.dtype), mu)
+        target = safe_get_full_fp32_param(theta[name])
+        target = theta[name].detach().float() if target is None else target
+        master = safe_get_full_fp32_param(phi)
+        if master is None:
+            phi.lerp_(target.to(phi.dtype), mu)
+            continue
+        moved = master.lerp(target.to(master), mu)
+        safe_set_full_fp32_param(phi, moved)
+        phi.copy_(moved.to(phi.dtype))
