@@ -337,6 +337,55 @@ class ReasonerSection(Section):
     search: SearchSection = Field(default_factory=SearchSection)
 
 
+class DistillSection(Section):
+    """Lens-Turbo: the teacher distilled into a few-step, CFG-free student (lens_model/distill):
+    Decoupled-DMD (arXiv 2511.22677) with a GAN branch, TTUR and IDA. Defaults are the Lens
+    paper's."""
+
+    steps: int = Field(1000, ge=1, description="student updates")
+    student_steps: int = Field(4, ge=1, description="sampler steps the student draws in")
+    sigmas: list[float] = Field(default_factory=list, description="the student's fixed noise "
+                                "levels, first 1.0, decreasing, one per step; empty: the "
+                                "teacher's Euler schedule at eval.size, fixed at distill time")
+    guidance: float = Field(5.0, ge=1, description="the CFG scale the CA term bakes in")
+    ca_weight: float = Field(1.0, ge=0)
+    dm_weight: float = Field(1.0, ge=0)
+    ttur: int = Field(4, ge=1, description="fake-score and discriminator updates per "
+                      "student update")
+    ida_mu: float = Field(0.03, ge=0, le=1, description="fake <- (1 - mu) fake + mu student "
+                          "after each student update")
+    lr: float = Field(5e-7, gt=0, description="student and fake-score learning rate")
+    disc_lr: float = Field(1e-4, gt=0)
+    betas: tuple[float, float] = (0.0, 0.9)
+    grad_clip: float = Field(1.0, gt=0)
+    lambda_d: float = Field(0.1, ge=0, description="the discriminator loss's weight in the "
+                            "critic update")
+    lambda_g: float = Field(0.001, ge=0, description="the adversarial loss's weight in the "
+                            "student update")
+    r1_gamma: float = Field(1.0, ge=0)
+    r1_perturb: float = Field(0.1, ge=0, description="std of the approximate R1 perturbation")
+    disc_block: int = Field(-1, description="the teacher block whose image tokens the "
+                            "discriminator reads; negative counts from the last")
+    num_samples: int = Field(100_000, ge=1, description="the balanced subset's size: "
+                             "dataset rows, spread evenly over the buckets")
+    batch: int = Field(4, ge=1, description="samples per student update and rank")
+    zero_stage: Literal[0, 1, 2] = 0
+    precision: Literal["fp32", "bf16"] = "bf16"
+    ckpt_every: int = Field(100, ge=1)
+    keep_last: int = Field(2, ge=1)
+    log_every: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> DistillSection:
+        s = self.sigmas
+        if s and (len(s) != self.student_steps or s[0] != 1.0
+                  or any(b >= a for a, b in zip(s, s[1:], strict=False)) or s[-1] <= 0):
+            raise ValueError(f"distill.sigmas {s}: give {self.student_steps} noise levels "
+                             f"(distill.student_steps), the first 1.0, strictly decreasing and "
+                             f"above 0; or leave it empty for the teacher's Euler schedule")
+        return self
+
+
 class LaunchSection(Section):
     """Where pretraining runs: one process, torchrun on N processes, or several nodes."""
 
@@ -388,6 +437,7 @@ class Recipe(Section):
     pretrain: PretrainSection = Field(default_factory=PretrainSection)
     rl: RLSection = Field(default_factory=RLSection)
     reasoner: ReasonerSection = Field(default_factory=ReasonerSection)
+    distill: DistillSection = Field(default_factory=DistillSection)
     launch: LaunchSection = Field(default_factory=LaunchSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     eval: EvalSection = Field(default_factory=EvalSection)
@@ -410,11 +460,15 @@ class Recipe(Section):
         """Hash of what decides the pretrained weights: all but evaluation, gates, tracking and
         the post-training stages, so changing those reuses the trained stages."""
         return _digest(self.model_dump(mode="json", exclude={"eval", "gates", "tracking", "rl",
-                                                            "reasoner"}))
+                                                            "reasoner", "distill"}))
 
     def rl_hash(self) -> str:
         """Hash of what decides the RL model: the pretrained weights' inputs and the rl section."""
         return _digest({"train": self.train_hash(), "rl": self.rl.model_dump(mode="json")})
+
+    def distill_hash(self) -> str:
+        """Hash of what decides the turbo model: the teacher's inputs and the distill section."""
+        return _digest({"rl": self.rl_hash(), "distill": self.distill.model_dump(mode="json")})
 
     def data_hash(self) -> str:
         """Hash of what decides the dataset's content: not how many workers build it."""

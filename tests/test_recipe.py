@@ -127,3 +127,17 @@ def test_model_info_cli(capsys) -> None:
     assert 3.7e9 <= out["params"] <= 4.2e9 and out["image_tokens"] == 4096
     assert cli.main(["model", "info", "nope"]) == 2
     assert "tiny, toy, lens-3.8b" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sigmas", ["[1.0,0.5]", "[0.9,0.6,0.3,0.1]", "[1.0,0.5,0.6,0.1]",
+                                    "[1.0,0.6,0.3,0.0]"])
+def test_a_student_schedule_it_cannot_take_names_the_field(sigmas: str) -> None:
+    with pytest.raises(RecipeError, match=r"distill.sigmas .* give 4 noise levels"):
+        load_recipe("tiny", [f"distill.sigmas={sigmas}"])
+    assert load_recipe("tiny", ["distill.sigmas=[1.0,0.6,0.3,0.1]"]).distill.sigmas[-1] == 0.1
+
+
+def test_the_distill_section_changes_only_the_turbo_hash() -> None:
+    base, other = load_recipe("tiny"), load_recipe("tiny", ["distill.ttur=2"])
+    assert base.train_hash() == other.train_hash() and base.rl_hash() == other.rl_hash()
+    assert base.distill_hash() != other.distill_hash()
