@@ -107,6 +107,7 @@ class DistillStep:
         self.cfg, self.teacher, self.sigmas, self.critic = cfg, teacher, sigmas.float(), critic
         self.features = TeacherFeatures(teacher, cfg.disc_block)
         self.parts: dict[str, float] = {}
+        self.tokens: tuple[list[int], list[int]] = ([], [])  # image, text per sample: FLOPs
 
     def student_x0(self, student: nn.Module, states: Tensor, mask: Tensor, noise: Tensor,
                    k: int) -> tuple[Tensor, Tensor]:
@@ -164,7 +165,9 @@ class DistillStep:
         cfg = self.cfg
         device = next(student.parameters()).device
         _, states, mask, empty = self._inputs(batch, device)
-        b = batch.latents.shape[0]
+        b, _, h, w = batch.latents.shape
+        patch = self.teacher.transformer.transformer_config.patch_size
+        self.tokens = ([(h // patch) * (w // patch)] * b, [len(t) for t in batch.hidden])
         k = int(torch.randint(cfg.student_steps, ()))
         noise = torch.randn(batch.latents.shape).to(device)
         x0, t_k = self.student_x0(engine, states, mask, noise, k)

@@ -1,0 +1,99 @@
+"""The distillation program: exact resume across a kill, the turbo model's saved schedule,
+and a NaN that stops the stage with the last good checkpoint kept."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from lens_model.recipe import load_recipe
+from lens_model.train.distill import balanced_subset
+from lens_model.train.pretrain import save_final
+from lens_model.vae import SemanticVAE
+from tests.conftest import run_trainer, straight_and_resumed
+from tests.test_rl import tiny_denoiser
+
+SHORT = ["data.num_samples=48", "data.samples_per_shard=48", "distill.steps=4",
+         "distill.ckpt_every=2", "distill.keep_last=3", "distill.batch=2", "distill.ttur=2",
+         "distill.num_samples=16", "distill.precision=fp32", "distill.lr=0.0001",
+         "eval.size=32x32", "eval.steps=4"]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> tuple[Path, Path]:
+    """A random tiny teacher saved as a training final/, and a small validated dataset."""
+    from tasks import dataset
+
+    root = tmp_path_factory.mktemp("distill")
+    recipe = load_recipe("tiny", SHORT)
+    torch.manual_seed(0)
+    vae = SemanticVAE.tiny(latent_channels=8, downsample=4).eval()
+    vae.save_pretrained(root / "vae")
+    final = save_final(root / "rl", tiny_denoiser(), recipe, str(root / "vae"), 0)
+    dataset.prepare_all(recipe, root / "raw")
+    dataset.validate_all(recipe, root / "raw", root / "data")
+    return final, root
+
+
+def _events(inputs: tuple[Path, Path], run: Path, extra: list[str] | None = None
+            ) -> list[dict]:
+    final, root = inputs
+    recipe = load_recipe("tiny", [*SHORT, *(extra or [])])
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
+    proc = run_trainer("distill", ["--params", str(run / "recipe.yaml"), "--model", str(final),
+                                   "--dataset", str(root / "data"), "--features",
+                                   str(root / "features"), "--run-dir", str(run)])
+    if extra is None:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = (run / "events.jsonl").read_text().splitlines() if (run / "events.jsonl").exists() \
+        else []
+    return [json.loads(line) for line in lines] + [{"stderr": proc.stderr}]
+
+
+def test_the_distill_program_resumed_at_half_matches_the_straight_run(inputs, tmp_path) -> None:
+    straight, resumed = straight_and_resumed(lambda run: _events(inputs, run)[:-1], tmp_path)
+    name = "final/transformer/diffusion_pytorch_model.safetensors"
+    a, b = (load_file(tmp_path / side / name) for side in ("straight", "resumed"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    teacher = load_file(inputs[0] / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert max((a[k] - teacher[k]).abs().max().item() for k in a) > 0  # the student moved
+
+    def metrics(events: list[dict], step: int) -> dict:
+        return [e["metrics"] for e in events if e.get("step") == step
+                and "train/loss" in e.get("metrics", {})][-1]
+
+    for step in (3, 4):  # the same batches, critic updates, noise and timesteps
+        for key in ("train/loss", "student/dmd", "critic/fake_loss", "critic/disc_loss"):
+            assert metrics(resumed, step)[key] == pytest.approx(metrics(straight, step)[key],
+                                                                abs=1e-6), key
+    lens = json.loads((tmp_path / "straight" / "final" / "lens.json").read_text())
+    sigmas = lens["turbo"]["sigmas"]
+    assert len(sigmas) == 4 and sigmas[0] == 1.0 and lens["turbo"]["guidance"] is None
+    assert sorted(sigmas, reverse=True) == sigmas
+    assert (tmp_path / "straight" / "samples" / "turbo-step-00000004.png").is_file()
+
+
+def test_a_nan_stops_the_stage_naming_the_step_and_keeps_the_last_checkpoint(
+        inputs, tmp_path) -> None:
+    # an LR this large blows the critic up in its first updates, before the student's loss
+    events = _events(inputs, tmp_path, ["distill.lr=1e30", "distill.steps=6",
+                                        "distill.ckpt_every=1"])
+    err = events[-1]["stderr"]
+    assert "distill step 1: loss is nan" in err, err[-2000:]
+    assert "the last good checkpoint (none yet) is kept" in err
+    # the failing step was not saved over the good state
+    assert not list((tmp_path / "checkpoints").glob("step-*"))
+    assert not (tmp_path / "final").exists()
+
+
+def test_the_balanced_subset_deals_evenly_over_buckets() -> None:
+    buckets = {f"a{i}": "32x32" for i in range(10)} | {f"b{i}": "40x24" for i in range(3)}
+    subset = balanced_subset(buckets, 8, seed=0)
+    assert len(subset["40x24"]) == 3 and len(subset["32x32"]) == 5
+    assert subset == balanced_subset(buckets, 8, seed=0)
