@@ -75,9 +75,9 @@ class TeacherFeatures:
         return caught[0]  # (B, N, width)
 
 
-def _uniform(n: int, low: Tensor | float, high: float, generator: torch.Generator | None
-             ) -> Tensor:
-    return low + (high - low) * torch.rand(n, generator=generator)
+def _uniform(n: int, low: Tensor | float, high: float) -> Tensor:
+    """Timesteps from the training RNG stream, which checkpoints carry."""
+    return low + (high - low) * torch.rand(n)
 
 
 @contextmanager
@@ -140,10 +140,10 @@ class DistillStep:
         k = int(torch.randint(self.cfg.student_steps, ()))
         with torch.no_grad():
             x0, _ = self.student_x0(student, states, mask, torch.randn_like(real), k)
-        t = _uniform(b, T_MIN, T_MAX, None).to(device)
+        t = _uniform(b, T_MIN, T_MAX).to(device)
         fake = fake_score_loss(lambda x, tt: critic.fake.velocity(x, states, mask, tt), x0, t)
         with torch.no_grad():
-            t_d = _uniform(b, T_MIN, T_MAX, None).to(device)
+            t_d = _uniform(b, T_MIN, T_MAX).to(device)
             real_t = add_noise(real, torch.randn_like(real), t_d)
             fake_t = add_noise(x0, torch.randn_like(x0), t_d)
             perturbed = real_t + self.cfg.r1_perturb * torch.randn_like(real_t)
@@ -177,10 +177,10 @@ class DistillStep:
             x0, lambda x, t: self.teacher.velocity(x, states, mask, t),
             lambda x, t: self.teacher.velocity(x, empty, no_text, t),
             lambda x, t: critic.fake.velocity(x, states, mask, t), cfg.guidance,
-            t_ca=_uniform(b, t_k.cpu(), T_MAX, None).clamp(max=T_MAX).to(device),
-            t_dm=_uniform(b, T_MIN, T_MAX, None).to(device),
+            t_ca=_uniform(b, t_k.cpu(), T_MAX).clamp(max=T_MAX).to(device),
+            t_dm=_uniform(b, T_MIN, T_MAX).to(device),
             ca_weight=cfg.ca_weight, dm_weight=cfg.dm_weight)
-        t_g = _uniform(b, T_MIN, T_MAX, None).to(device)
+        t_g = _uniform(b, T_MIN, T_MAX).to(device)
         with _frozen(critic.disc):
             logits = critic.disc(self.features(add_noise(x0, torch.randn_like(x0), t_g),
                                                states, mask, t_g))
