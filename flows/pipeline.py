@@ -1,6 +1,7 @@
 """The pipeline: data -> vae (when the recipe trains one) -> pretrain -> rl -> reasoner ->
-search -> evaluate -> register -> promote, under one MLflow parent run whose child runs are
-the stages.
+search -> distill -> evaluate -> register -> promote, under one MLflow parent run whose child
+runs are the stages. The RL model is registered as ``<model_name>`` (with its reasoner) and
+its distilled student as ``<model_name>-turbo``; each is gated and promoted on its own.
 
     lens run tiny                      # what `make run` runs
     lens run lens-3.8b --set launch.nnodes=1 --set launch.nproc_per_node=8   # one 8-GPU node
@@ -21,18 +22,19 @@ from flows.data import data_flow, shared_api, task_runner
 from lens_model.recipe import load_recipe
 from tasks import data as data_tasks
 from tasks import release
+from tasks.distill import distill
 from tasks.evaluate import evaluate_stage
 from tasks.pretrain import pretrain
 from tasks.prompt_search import search_task
 from tasks.reasoner import reasoner_dir, reasoner_stage
-from tasks.registry import register
+from tasks.registry import register, turbo_entry
 from tasks.report import failure_report, pipeline_report
 from tasks.rl import rl
 from tasks.rl_prompts import outputs_current, rl_prompts_task
 from tasks.vae import vae_dir, vae_stage
 
-STAGES = ("data", "vae", "pretrain", "rl", "reasoner", "search", "evaluate", "register",
-          "promote")
+STAGES = ("data", "vae", "pretrain", "rl", "reasoner", "search", "distill", "evaluate",
+          "register", "promote")
 
 
 @flow(name="lens-pipeline", version="1", log_prints=True)
@@ -44,15 +46,15 @@ def pipeline_flow(recipe: str = "tiny", overrides: list[str] | None = None,
     compute: dict[str, float] = {}  # of which the stage's own work (0 when its cache hit)
     clock = [time.perf_counter()]
 
-    def lap(name: str, state: Any = None) -> Any:
-        """Close stage ``name``; with a task's state, return its result and its compute."""
+    def lap(name: str, *states: Any) -> Any:
+        """Close stage ``name``: its compute is its tasks' (``states``), and the first's
+        result is returned."""
         now = time.perf_counter()
         stages[name], clock[0] = now - clock[0], now
-        if state is None:
-            return None
-        result = state.result()
-        compute[name] = 0.0 if state.name == "Cached" else float(result.get("compute_s", 0))
-        return result
+        results = [state.result() for state in states]
+        compute[name] = sum(0.0 if state.name == "Cached" else float(result.get("compute_s", 0))
+                            for state, result in zip(states, results, strict=True))
+        return results[0] if results else None
 
     parent = data_tasks.open_parent(tree, repo or ".")
     try:
@@ -83,21 +85,33 @@ def pipeline_flow(recipe: str = "tiny", overrides: list[str] | None = None,
             tree, parent, return_state=True))
         searched = lap("search", search_task(
             tree, tuned["model_dir"], rewriter, data["dvc_hash"], parent, return_state=True))
+        turbo = lap("distill", distill(tree, tuned["model_dir"], dataset, data["dvc_hash"],
+                                       tuned["run_id"], parent, return_state=True))
         scored = lap("evaluate", evaluate_stage(tree, tuned["model_dir"], data["dvc_hash"],
-                                                parent, trained["model_dir"], return_state=True))
+                                                parent, trained["model_dir"], turbo["model_dir"],
+                                                return_state=True))
         runs = {"data": data["mlflow_run_id"], "vae": vae_run.get("run_id", ""),
                 "pretrain": trained["run_id"], "rl_prompts": prompts["run_id"],
                 "rl": tuned["run_id"], "reasoner": rewriter["run_id"],
-                "search": searched["run_id"], "evaluate": scored["run_id"]}
+                "search": searched["run_id"], "distill": turbo["run_id"],
+                "evaluate": scored["run_id"]}
         runs = {stage: run_id for stage, run_id in runs.items() if run_id}  # a pretrained VAE
-        version = lap("register", register(
+        registered = register(
             tree, tuned["model_dir"], data["dvc_hash"], scored, runs, parent,
             {"lens.rl_prompts_dvc_hash": prompts["dvc_hash"],
              "lens.pretrain_model_dir": trained["model_dir"]},
-            reasoner={"dir": rewriter["dir"], **searched}, return_state=True))
+            reasoner={"dir": rewriter["dir"], **searched}, return_state=True)
+        turbo_tree, turbo_scores, turbo_tags = turbo_entry(tree, scored, registered.result())
+        registered_turbo = register(
+            turbo_tree, turbo["model_dir"], data["dvc_hash"], turbo_scores, runs, parent,
+            turbo_tags | {"lens.teacher_model_dir": tuned["model_dir"]}, return_state=True)
+        version = lap("register", registered, registered_turbo)
+        turbo_version = registered_turbo.result()
         runs = runs | {"register": version["run_id"]}  # the task keeps the dict it was given
-        promotion = release.promote_task(version["name"], version["version"],
-                                         reason=f"pipeline run of recipe {rec.name}")
+        reason = f"pipeline run of recipe {rec.name}"
+        promotion = release.promote_task(version["name"], version["version"], reason=reason)
+        turbo_promotion = release.promote_task(turbo_version["name"], turbo_version["version"],
+                                               reason=reason)
         lap("promote")
         compute["promote"] = 0.0
     except BaseException as error:
@@ -116,6 +130,8 @@ def pipeline_flow(recipe: str = "tiny", overrides: list[str] | None = None,
                "rl_prompts_path": prompts["path"], "reasoner_dir": rewriter["dir"],
                "system_prompt_hash": searched["hash"],
                "model": version["name"], "version": version["version"],
+               "turbo_dir": turbo["model_dir"], "turbo_model": turbo_version["name"],
+               "turbo_version": turbo_version["version"],
                **{f"run.{stage}": run_id for stage, run_id in runs.items()}}
     data_tasks.close_parent(parent, summary)
     result = {**data, **summary, "parent_run_id": parent, "pretrain_job": trained["job"],
@@ -131,7 +147,11 @@ def pipeline_flow(recipe: str = "tiny", overrides: list[str] | None = None,
                            "curve": searched["curve"], "system_prompt": searched["system_prompt"],
                            "hash": searched["hash"]},
               "seconds_per_image": scored["seconds_per_image"],
-              "eval_hash": scored["eval_hash"], "promotion": promotion, "stages": stages,
+              "eval_hash": scored["eval_hash"], "promotion": promotion,
+              "turbo": {**scored["turbo"], "job": turbo["job"], "run_id": turbo["run_id"],
+                        "model": turbo_version["name"], "version": turbo_version["version"],
+                        "promotion": turbo_promotion},
+              "stages": stages,
               "compute": compute}
     pipeline_report(rec.name, result, runs)
     return result

@@ -77,6 +77,11 @@ def _scores(scores: dict[str, float]) -> str:
 HACKING = "; REWARD HACKING: the gold score fell while the training reward rose"
 
 
+def _verdict(promotion: dict[str, Any]) -> str:
+    return ("promoted to @champion" if promotion["promoted"] else
+            f"not promoted: {promotion.get('reason', 'gates failed')}")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.pipeline import run
     from tasks.report import number as _num
@@ -86,14 +91,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             "parent_run_id", "pretrain_run_id", "vae_dir", "model", "version", "scores",
             "baseline_scores", "eval_grid", "eval_hash", "seconds_per_image", "pretrained_dir",
             "pretrained_scores", "rl_run_id", "rl_prompts_dvc_hash", "rl", "reasoner_dir",
-            "system_prompt_hash", "reasoner")
+            "system_prompt_hash", "reasoner", "turbo")
     promotion = result["promotion"]
     out = {k: result[k] for k in keys} | {
         "recipe": result["recipe"], "recipe_hash": result["recipe_hash"],
         "aliases": promotion["aliases"], "promoted": promotion["promoted"],
         "stages": result["stages"], "compute": result["compute"]}
-    verdict = ("promoted to @champion" if promotion["promoted"] else
-               f"not promoted: {promotion.get('reason', 'gates failed')}")
+    verdict = _verdict(promotion)
     human = _where(result) + "\n" + "\n".join([
         f"vae       {result['vae_dir']}",
         f"pretrained {result['pretrained_dir']}  (pretrain run {result['pretrain_run_id']}, "
@@ -111,9 +115,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"{result['seconds_per_image']:.3f} s/image)",
         f"before rl {_scores(result['pretrained_scores'])}  (the pretrained model)",
         f"untrained {_scores(result['baseline_scores'])}",
+        f"turbo     {_scores(result['turbo']['scores'])}  ({result['turbo']['steps']} steps, no "
+        f"CFG, eval {result['turbo']['eval_hash']}, {result['turbo']['seconds_per_image']:.3f} "
+        f"s/image, {result['turbo']['speedup']:.1f}x faster; the teacher at these settings: "
+        f"{_scores(result['turbo']['undistilled_scores'])})",
         f"grid      {result['eval_grid']}",
         f"registry  {result['model']} v{result['version']} "
         f"@{', @'.join(promotion['aliases']) or '-'}: {verdict}",
+        f"registry  {result['turbo']['model']} v{result['turbo']['version']} "
+        f"@{', @'.join(result['turbo']['promotion']['aliases']) or '-'}: "
+        f"{_verdict(result['turbo']['promotion'])}",
         "stages    " + ", ".join(f"{k} {v:.1f}s" for k, v in result["stages"].items()),
         f"pipeline  MLflow parent run {result['parent_run_id']}"])
     _emit(out, args.json, human)
@@ -336,13 +347,17 @@ def cmd_train_render(args: argparse.Namespace) -> int:
     slug = recipe.name.replace(".", "-")
     pretrain_run = f"{args.mount}/pretrain-{slug}-{recipe.hash()}"
     launch = recipe.launch
-    if args.stage == "rl":
-        name = f"rl-{slug}-{recipe.hash()}"
+    if args.stage in ("rl", "distill"):
+        name = f"{args.stage}-{slug}-{recipe.hash()}"
         run = f"{args.mount}/{name}"
-        nnodes = recipe.rl.nnodes or launch.nnodes
-        script_args = ["--params", f"{run}/recipe.yaml", "--model",
-                       args.model or f"{pretrain_run}/final", "--prompts", args.prompts,
-                       "--run-dir", run]
+        if args.stage == "rl":
+            nnodes = recipe.rl.nnodes or launch.nnodes
+            inputs = ["--model", args.model or f"{pretrain_run}/final", "--prompts", args.prompts]
+        else:  # the teacher is the RL job's model; the features are pretraining's cache
+            nnodes = launch.nnodes
+            inputs = ["--model", args.model or f"{args.mount}/rl-{slug}-{recipe.hash()}/final",
+                      "--dataset", args.dataset, "--features", f"{args.mount}/features"]
+        script_args = ["--params", f"{run}/recipe.yaml", *inputs, "--run-dir", run]
     else:
         name, run, nnodes = pretrain_run.rsplit("/", 1)[-1], pretrain_run, launch.nnodes
         script_args = ["--params", f"{run}/recipe.yaml", "--dataset", args.dataset,
@@ -379,7 +394,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.size:  # a bad size fails here, before a model is loaded
         check_aspect(*parse_size(args.size))
-    if args.steps < 1 or args.batch < 1:
+    if (args.steps is not None and args.steps < 1) or args.batch < 1:
         raise ValueError(f"--steps {args.steps} and --batch {args.batch} must both be >= 1")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[
@@ -462,7 +477,7 @@ def parser() -> argparse.ArgumentParser:
     tsub = train.add_subparsers(dest="train_command", required=True)
     rend = tsub.add_parser("render", help="a Kubernetes PyTorchJob or Slurm sbatch script")
     rend.add_argument("recipe")
-    rend.add_argument("--stage", default="pretrain", choices=["pretrain", "rl"],
+    rend.add_argument("--stage", default="pretrain", choices=["pretrain", "rl", "distill"],
                       help="the training program the job runs")
     rend.add_argument("--target", required=True, choices=["k8s", "slurm"])
     rend.add_argument("--out", help="folder for the job file and the resolved recipe")
@@ -471,7 +486,8 @@ def parser() -> argparse.ArgumentParser:
     rend.add_argument("--dataset", default="data/dataset", help="dataset path on the nodes")
     rend.add_argument("--vae", help="VAE folder on the nodes (default: the recipe's vae.path)")
     rend.add_argument("--model", help="rl: the pretrained final/ on the nodes (default: the "
-                      "pretrain job's, under --mount)")
+                      "pretrain job's, under --mount); distill: the teacher (default: the rl "
+                      "job's)")
     rend.add_argument("--prompts", default="data/rl_prompts/prompts.parquet",
                       help="rl: the RL prompt set on the nodes")
     _overrides(rend)
@@ -482,8 +498,10 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", required=True, help="a saved LensPipeline folder, a training "
                      "run's final/ folder, or an MLflow URI models:/NAME@ALIAS | NAME/VERSION")
     gen.add_argument("--size", help="WIDTHxHEIGHT in pixels (default: the largest trained area)")
-    gen.add_argument("--steps", type=int, default=20)
-    gen.add_argument("--cfg", type=float, default=5.0, help="guidance scale; <= 1 turns CFG off")
+    gen.add_argument("--steps", type=int, help="sampling steps (default: 20, or the steps a "
+                     "distilled model was distilled for)")
+    gen.add_argument("--cfg", type=float, help="guidance scale; <= 1 turns CFG off (default: "
+                     "5.0, or 1.0 for a distilled model)")
     gen.add_argument("--negative", default="", help="negative prompt (default: none)")
     gen.add_argument("--seed", type=int, default=0, help="image i gets seed + i")
     gen.add_argument("--sampler", choices=["euler", "heun"], default="euler")

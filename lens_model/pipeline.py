@@ -19,6 +19,9 @@ cell to the conditional velocity's norm; ``guidance_scale <= 1`` skips it. (Resc
 transformer tokens instead measured 0.040 overall against 0.077 on the tiny model, and the same
 on the small one, so the finer rescale stays.)
 
+A distilled (turbo) model carries its fixed noise levels in the config (``turbo_sigmas``, from
+``lens.json["turbo"]``): it draws in exactly that many steps, without CFG by default.
+
 Each image's noise comes from its own generator (``seed[i]``), so an image does not depend on
 the batch it was generated in.
 """
@@ -128,7 +131,8 @@ class LensPipeline(DiffusionPipeline):
                  text_encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                  connector: TextConnector, scheduler: FlowMatchEulerDiscreteScheduler,
                  layers: list[int] | None = None, max_length: int = 512,
-                 trained_areas: list[int] | None = None) -> None:
+                 trained_areas: list[int] | None = None,
+                 turbo_sigmas: list[float] | None = None) -> None:
         super().__init__()
         if not layers:
             raise ValueError("LensPipeline needs layers: the LM hidden_states indices the "
@@ -136,7 +140,8 @@ class LensPipeline(DiffusionPipeline):
         self.register_modules(transformer=transformer, vae=vae, text_encoder=text_encoder,
                               tokenizer=tokenizer, connector=connector, scheduler=scheduler)
         self.register_to_config(layers=[int(i) for i in layers], max_length=int(max_length),
-                                trained_areas=sorted(int(a) for a in trained_areas or []))
+                                trained_areas=sorted(int(a) for a in trained_areas or []),
+                                turbo_sigmas=[float(s) for s in turbo_sigmas or []] or None)
         self._check_components()
         self._encoder: LanguageEncoder | None = None
         self.rewriter: Any = None  # a reasoner.attached.PromptRewriter saved with the model
@@ -189,7 +194,8 @@ class LensPipeline(DiffusionPipeline):
         return cls(transformer=transformer, vae=vae, text_encoder=encoder.lm,
                    tokenizer=encoder.tokenizer, connector=connector,
                    scheduler=make_scheduler(meta.get("mu_rule")), layers=list(spec["layers"]),
-                   max_length=int(spec["max_length"]), trained_areas=meta.get("trained_areas"))
+                   max_length=int(spec["max_length"]), trained_areas=meta.get("trained_areas"),
+                   turbo_sigmas=(meta.get("turbo") or {}).get("sigmas"))
 
     def _check_components(self) -> None:
         """Catch mismatched parts at load time, not mid-sampling."""
@@ -256,10 +262,24 @@ class LensPipeline(DiffusionPipeline):
         f, p = self.semantic_vae.downsample, self.transformer.config.patch_size
         return (height // (f * p)) * (width // (f * p))
 
+    @property
+    def turbo_steps(self) -> int | None:
+        """A distilled (turbo) model's step count: it draws on its own fixed schedule, without
+        CFG; None for a model sampled on the shifted schedule at any step count."""
+        sigmas = self.config.get("turbo_sigmas")
+        return len(sigmas) if sigmas else None
+
     def sigmas(self, steps: int, width: int, height: int) -> Tensor:
-        """Shifted linspace(1, 1/N, N) then 0, (N + 1,), from the scheduler."""
+        """(N + 1,) ending in 0: a turbo model's fixed schedule, else the scheduler's shifted
+        linspace(1, 1/N, N)."""
         if steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {steps}")
+        if self.turbo_steps is not None:
+            if steps != self.turbo_steps:
+                raise ValueError(f"num_inference_steps={steps}: this distilled model draws in "
+                                 f"the {self.turbo_steps} steps it was distilled for; pass "
+                                 f"{self.turbo_steps} or leave it unset")
+            return torch.tensor([*self.config.turbo_sigmas, 0.0], dtype=torch.float32)
         mu = float(shift_mu(self.image_tokens(width, height), **self.mu_rule))
         self.scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps), mu=mu)
         return self.scheduler.sigmas.float()
@@ -327,7 +347,7 @@ class LensPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], width: int | None = None,
                  height: int | None = None, size: str | None = None,
-                 num_inference_steps: int = 20, guidance_scale: float = 5.0,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
                  negative_prompt: str | list[str] = "", seed: int | list[int] | None = None,
                  generator: torch.Generator | list[torch.Generator] | None = None,
                  latents: Tensor | None = None, sampler: str = "euler",
@@ -337,7 +357,9 @@ class LensPipeline(DiffusionPipeline):
         ``size`` "WxH" or ``width``/``height`` (default: a square of the largest trained area);
         sides must be multiples of :attr:`size_multiple`, aspect 1:2 to 2:1. An int ``seed``
         gives image i the seed ``seed + i``; a list gives one per image. ``latents``: your
-        own starting noise (B, C, h, w). ``sampler``: "euler" or "heun". ``output_type``:
+        own starting noise (B, C, h, w). ``num_inference_steps`` and ``guidance_scale``
+        default to 20 and 5.0, or for a distilled model to its step count and 1.0 (no CFG).
+        ``sampler``: "euler" or "heun". ``output_type``:
         "pil", "pt" (B, 3, H, W) in [0, 1] or "latent". ``reasoner``: rewrite the prompts
         with the reasoner saved with the model first (default: when it has one).
         """
@@ -356,7 +378,11 @@ class LensPipeline(DiffusionPipeline):
                              f"{list(OUTPUT_TYPES)}")
         width, height = self.resolve_size(width, height, size)
         flags = self.size_flags(width, height)
-        sigmas = self.sigmas(num_inference_steps, width, height)
+        turbo = self.turbo_steps
+        steps = num_inference_steps if num_inference_steps is not None else turbo or 20
+        if guidance_scale is None:
+            guidance_scale = 1.0 if turbo else 5.0
+        sigmas = self.sigmas(steps, width, height)
         if latents is None:
             latents = self.prepare_latents(len(prompts), width, height, seed, generator)
         f, c = self.semantic_vae.downsample, self.vae.config.latent_channels

@@ -423,6 +423,8 @@ class GatesSection(Section):
     max_regression: float = Field(0.05, ge=0, le=1,
                                   description="largest drop in any category vs the champion")
     max_latency_s: float = Field(10.0, gt=0, description="seconds per image at eval settings")
+    min_teacher_share: float = Field(0.95, ge=0, le=1, description="a distilled model's overall "
+                                     "score as a share of its teacher's, at least")
 
 
 class Recipe(Section):

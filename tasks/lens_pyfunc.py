@@ -34,8 +34,11 @@ class LensPyfunc(PythonModel):
                              "DataFrame with a 'prompt' column of strings")
         p = params or {}
         prompts = [str(x) for x in model_input["prompt"]]
-        out = self.pipe(prompts, size=p.get("size"), num_inference_steps=int(p.get("steps", 20)),
-                        guidance_scale=float(p.get("cfg", 5.0)), seed=int(p.get("seed", 0)),
+        steps, cfg = p.get("steps"), p.get("cfg")  # unset: the pipeline's own defaults
+        out = self.pipe(prompts, size=p.get("size"),
+                        num_inference_steps=None if steps is None else int(steps),
+                        guidance_scale=None if cfg is None else float(cfg),
+                        seed=int(p.get("seed", 0)),
                         reasoner=bool(p.get("reasoner", True)) and self.pipe.rewriter is not None)
         return pd.DataFrame({"prompt": prompts, "rewrite": out.prompts,
                              "image": [_png(im) for im in out.images]})

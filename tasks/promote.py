@@ -2,11 +2,12 @@
 
 A candidate takes ``champion`` only if it passes the gates its registration recorded (from
 its recipe): a minimum overall score, a maximum drop in any category against the current
-champion, and a maximum latency. Promotion is compare-and-set: the champion it was gated
-against must still be the champion when it commits, checked under a registry-wide lock, so of
-two racing promotions exactly one wins. The alias moves last, in one call, after the version
-has been tagged with who promoted it, when, why, the gate results and the champion it
-replaced; rollback follows that ``lens.previous_champion`` tag back.
+champion, a maximum latency and, for a distilled model, a minimum share of its teacher's
+score. Promotion is compare-and-set: the champion it was gated against must still be the
+champion when it commits, checked under a registry-wide lock, so of two racing promotions
+exactly one wins. The alias moves last, in one call, after the version has been tagged with
+who promoted it, when, why, the gate results and the champion it replaced; rollback follows
+that ``lens.previous_champion`` tag back.
 """
 
 from __future__ import annotations
@@ -110,6 +111,12 @@ def check_gates(name: str, version: str) -> GateReport:
         Check("max_latency_s", latency <= gates.max_latency_s, latency, gates.max_latency_s,
               f"latency {latency:.3f} s/image is {latency - gates.max_latency_s:.3f} s over "
               f"the maximum {gates.max_latency_s:.3f}")]
+    if "lens.teacher_overall" in cand.tags:  # a distilled model keeps most of its teacher
+        teacher = float(cand.tags["lens.teacher_overall"])
+        floor = gates.min_teacher_share * teacher
+        checks.append(Check("min_teacher_share", overall >= floor - 1e-9, overall, floor,
+                            f"overall {overall:.3f} is under {gates.min_teacher_share:.0%} of "
+                            f"its teacher's {teacher:.3f} ({floor:.3f})"))
     champ = champion_version(client, name)
     if champ is not None and champ != str(version):
         champ_tags = _version(client, name, champ).tags

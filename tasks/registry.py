@@ -84,16 +84,21 @@ def model_card(recipe: Recipe, tags: dict[str, str], evaluation: dict[str, Any],
                reasoner: dict[str, Any] | None = None) -> str:
     """A markdown card: what the model is, how it was made, how it scores."""
     scores = evaluation["scores"]
-    base = evaluation["baseline_scores"]
     before = evaluation.get("pretrained_scores") or {}
-    rows = "\n".join(f"| {k} | {v:.3f} | {base.get(k, float('nan')):.3f} |"
-                     + (f" {before.get(k, float('nan')):.3f} |" if before else "")
+    teacher = evaluation.get("teacher")  # a distilled model: its teacher's name/version
+    columns = evaluation.get("compare") or {"untrained": evaluation["baseline_scores"]} | (
+        {"before RL": before} if before else {})
+    rows = "\n".join(f"| {k} | {v:.3f} | " + " | ".join(f"{c.get(k, float('nan')):.3f}"
+                                                     for c in columns.values()) + " |"
                      for k, v in scores.items())
+    header = "| category | score | " + " | ".join(columns) + " |\n|---|---|" + "---|" * len(columns)
     lineage = "\n".join(f"- `{k}`: {v}" for k, v in sorted(tags.items()))
     e = recipe.eval
     stages = ("rectified flow, then DiffusionNFT RL with rubric rewards on a LoRA adapter "
-              "(merged into the weights)" if before else "rectified flow")
-    header = "| category | score | untrained |" + (" before RL |" if before else "")
+              "(merged into the weights)" if before or teacher else "rectified flow")
+    if teacher:
+        stages += (f", then distilled from `{teacher}` into a {e.steps}-step, CFG-free student "
+                   "(Decoupled-DMD with a GAN branch: Lens-Turbo)")
     return f"""# {recipe.tracking.model_name}: Lens `{recipe.name}` recipe
 
 A Lens MMDiT ({recipe.model.preset} preset) trained with {stages} on the
@@ -105,7 +110,6 @@ Protocol `{evaluation['eval_hash']}`: {e.prompts_per_category} prompts per categ
 {e.prompt_seed}), {e.size}, {e.steps} {e.sampler} steps, CFG {e.cfg}, seed {e.seed}.
 
 {header}
-|---|---|---|{"---|" if before else ""}
 {rows}
 
 Latency: {evaluation['seconds_per_image']:.3f} s per image at these settings.
@@ -123,12 +127,37 @@ out = model.predict(pd.DataFrame({{"prompt": ["a photo of a red circle"]}}),
 """
 
 
+def turbo_entry(tree: dict[str, Any], evaluation: dict[str, Any], teacher: dict[str, Any]
+                ) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
+    """What :func:`register` takes for the distilled model beside its ``teacher`` (the
+    teacher's registered version): the recipe as ``<model_name>-turbo`` with the turbo eval
+    protocol (so the pyfunc's params default to the student's steps and no CFG), its scores
+    beside the teacher's, and lineage tags naming the teacher (the promotion gate reads its
+    overall score)."""
+    turbo = evaluation["turbo"]
+    tracking_ = {**tree["tracking"], "model_name": f"{tree['tracking']['model_name']}-turbo"}
+    turbo_tree = {**tree, "tracking": tracking_,
+                  "eval": {**tree["eval"], "steps": turbo["steps"], "cfg": 1.0}}
+    name = f"{teacher['name']}/{teacher['version']}"
+    scores = {"scores": turbo["scores"], "seconds_per_image": turbo["seconds_per_image"],
+              "eval_hash": turbo["eval_hash"], "teacher": name,
+              "compare": {f"teacher ({tree['eval']['steps']} steps, CFG "
+                          f"{tree['eval']['cfg']})": evaluation["scores"],
+                          f"teacher ({turbo['steps']} steps, no CFG)":
+                          turbo["undistilled_scores"]}}
+    tags = {"lens.teacher": name, "lens.teacher_overall": f"{evaluation['scores']['overall']:.4f}",
+            "lens.teacher_eval_hash": evaluation["eval_hash"],
+            "lens.speedup": f"{turbo['speedup']:.2f}"}
+    return turbo_tree, scores, tags
+
+
 def _register_inputs(params: dict[str, Any]) -> dict[str, Any]:
     """One version per trained model and evaluation: a rerun with nothing changed finds it."""
     reasoner = params.get("reasoner") or {}
     return {**trained_model(params["model_dir"]), "eval": params["evaluation"]["eval_hash"],
             "name": params["tree"]["tracking"]["model_name"], "gates": params["tree"]["gates"],
-            "reasoner": [reasoner.get("dir"), reasoner.get("hash")]}
+            "reasoner": [reasoner.get("dir"), reasoner.get("hash")],
+            "extra_tags": params.get("extra_tags")}  # a turbo model's teacher version
 
 
 @task(name="register", persist_result=True,

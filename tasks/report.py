@@ -41,6 +41,12 @@ def pipeline_report(recipe: str, result: dict[str, Any], runs: dict[str, str]) -
     r_rows = "\n".join(f"| {k} | {test['r/none'].get(k, 0.0):.3f} | "
                         f"{test['r/seed'].get(k, 0.0):.3f} | {v:.3f} |"
                         for k, v in test["r/searched"].items())
+    turbo = result["turbo"]
+    t_rows = "\n".join(f"| {k} | {v:.3f} | {result['scores'].get(k, 0.0):.3f} | "
+                        f"{turbo['undistilled_scores'].get(k, 0.0):.3f} |"
+                        for k, v in turbo["scores"].items())
+    t_promo = turbo["promotion"]
+    few = f"{turbo['steps']} steps no CFG"
     hacking = ("\n\n**Reward hacking:** the RL run's gold score fell while its training reward "
                "rose; check its sample grids before promoting." if rl["reward_hacking"] else "")
     markdown = f"""# Lens pipeline: `{recipe}`
@@ -59,6 +65,14 @@ RL: training reward {number(rl['reward_start'])} -> {number(rl['reward_end'])}, 
 | shapes-GenEval (`{result['eval_hash']}`) | score | before RL | untrained |
 |---|---|---|---|
 {scores}
+
+Turbo: `{turbo['model']}` version {turbo['version']}, {turbo['steps']} steps without CFG,
+{turbo['seconds_per_image']:.3f} s/image ({turbo['speedup']:.1f}x faster than the teacher;
+{'promoted' if t_promo['promoted'] else 'not promoted: ' + t_promo.get('reason', '')}).
+
+| shapes-GenEval (turbo `{turbo['eval_hash']}`) | turbo | teacher | teacher, {few} |
+|---|---|---|---|
+{t_rows}
 
 Reasoner: held-out rule following {number(reasoner['heldout'].get('exact'))}; searched system
 prompt `{reasoner['hash']}` ({len(reasoner['curve']) - 1} rounds). Its test split:

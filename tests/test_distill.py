@@ -11,6 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from lens_model.pipeline import load_pipeline
 from lens_model.recipe import load_recipe
 from lens_model.train.distill import balanced_subset
 from lens_model.train.pretrain import save_final
@@ -77,6 +78,18 @@ def test_the_distill_program_resumed_at_half_matches_the_straight_run(inputs, tm
     assert len(sigmas) == 4 and sigmas[0] == 1.0 and lens["turbo"]["guidance"] is None
     assert sorted(sigmas, reverse=True) == sigmas
     assert (tmp_path / "straight" / "samples" / "turbo-step-00000004.png").is_file()
+    # the saved student draws on that schedule, CFG-free, through the pipeline and its save
+    pipe = load_pipeline(tmp_path / "straight" / "final")
+    pipe.save_pretrained(tmp_path / "saved")
+    pipe = load_pipeline(tmp_path / "saved")
+    assert pipe.turbo_steps == 4
+    kw: dict = {"size": "32x32", "seed": 0, "output_type": "latent"}
+    default = pipe(["a red square"], **kw).images
+    same = pipe(["a red square"], num_inference_steps=4, guidance_scale=1.0, **kw).images
+    assert torch.equal(default, same)
+    assert not torch.allclose(default, pipe(["a red square"], guidance_scale=5.0, **kw).images)
+    with pytest.raises(ValueError, match="draws in the 4 steps it was distilled for"):
+        pipe(["a red square"], num_inference_steps=20, **kw)
 
 
 def test_a_nan_stops_the_stage_naming_the_step_and_keeps_the_last_checkpoint(

@@ -44,3 +44,13 @@ def test_render_the_rl_stage_on_its_own_node_count(tmp_path: Path) -> None:
     model = command[command.index("--model") + 1]
     assert model.startswith("/workspace/runs/pretrain-lens-3-8b-") and model.endswith("/final")
     assert command[command.index("--prompts") + 1] == "data/rl_prompts/prompts.parquet"
+
+
+def test_render_the_distill_stage_from_the_rl_model(tmp_path: Path) -> None:
+    """The turbo job distils the rl job's model, reading pretraining's feature cache."""
+    assert cli.main(["train", "render", "lens-3.8b", "--stage", "distill", "--target", "slurm",
+                     "--out", str(tmp_path)]) == 0
+    script = next(tmp_path.glob("distill-*.sbatch")).read_text()
+    assert "lens_model/train/distill.py" in script
+    assert "--model /workspace/runs/rl-lens-3-8b-" in script
+    assert "--features /workspace/runs/features" in script

@@ -20,7 +20,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import random
 import time
 from collections.abc import Iterator
@@ -52,8 +51,8 @@ from lens_model.train.pretrain import (
     build_feature_cache,
     feature_shards,
     grid_prompts,
-    read_recipe,
     save_final,
+    start_program,
 )
 from lens_model.train.rl import image_grid, load_parts, to_images
 
@@ -252,16 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--features", required=True, help="the feature cache root")
     ap.add_argument("--run-dir", dest="run", required=True, help="checkpoints, events, model")
     args = ap.parse_args(argv)
-    recipe, run, dataset = read_recipe(args.params), Path(args.run), Path(args.dataset)
-    from deepspeed.accelerator import get_accelerator
-
-    if (accel := get_accelerator().device_name()) != recipe.launch.device:
-        raise SystemExit(f"launch.device is {recipe.launch.device!r} but DeepSpeed's accelerator "
-                         f"is {accel!r}; set DS_ACCELERATOR={recipe.launch.device} or change "
-                         f"launch.device in the recipe")
-    omp = os.environ.get("OMP_NUM_THREADS", "")
-    threads = int(omp) if omp.isdigit() else 0
-    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // max(1, _rank_world()[1])))
+    recipe, run, dataset = start_program(args.params), Path(args.run), Path(args.dataset)
     teacher, encoder, vae, meta = load_parts(args.model)
     cache = FeatureCache(Path(args.features), encoder.identity(), vae.identity())
     long_captions = recipe.pretrain.short_caption_prob < 1.0

@@ -78,6 +78,23 @@ def read_recipe(path: str | Path) -> Recipe:
     return Recipe.model_validate(yaml.safe_load(Path(path).read_text()))
 
 
+def start_program(params: str | Path) -> Recipe:
+    """A training program's first step: read its recipe, refuse a DeepSpeed accelerator
+    other than the recipe's device, and split the cores over the local ranks (unless
+    OMP_NUM_THREADS says otherwise, for shared hosts)."""
+    recipe = read_recipe(params)
+    from deepspeed.accelerator import get_accelerator  # heavy: only in the programs
+
+    if (accel := get_accelerator().device_name()) != recipe.launch.device:
+        raise SystemExit(f"launch.device is {recipe.launch.device!r} but DeepSpeed's accelerator "
+                         f"is {accel!r}; set DS_ACCELERATOR={recipe.launch.device} (the "
+                         f"pipeline's tasks do) or change launch.device in the recipe")
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    threads = int(omp) if omp.isdigit() else 0  # OpenMP's nested "4,2" form: the default split
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // max(1, _rank_world()[1])))
+    return recipe
+
+
 def _rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
@@ -286,18 +303,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="run dir: checkpoints, events, final model")
     ap.add_argument("--features", default=None, help="feature cache root (default RUN/..)")
     args = ap.parse_args(argv)
-    recipe, run, dataset = read_recipe(args.params), Path(args.run), Path(args.dataset)
-    from deepspeed.accelerator import get_accelerator
-
-    if (accel := get_accelerator().device_name()) != recipe.launch.device:
-        raise SystemExit(f"launch.device is {recipe.launch.device!r} but DeepSpeed's accelerator "
-                         f"is {accel!r}; set DS_ACCELERATOR={recipe.launch.device} (the pretrain "
-                         f"task does) or change launch.device in the recipe")
+    recipe, run, dataset = start_program(args.params), Path(args.run), Path(args.dataset)
     run.mkdir(parents=True, exist_ok=True)
-    # The cores split over the local ranks, unless OMP_NUM_THREADS says otherwise (shared hosts).
-    omp = os.environ.get("OMP_NUM_THREADS", "")
-    threads = int(omp) if omp.isdigit() else 0  # OpenMP's nested "4,2" form: the default split
-    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // max(1, _rank_world()[1])))
     p, te = recipe.pretrain, recipe.text_encoder
     vae = SemanticVAE.from_pretrained(args.vae).eval()
     if vae.token_px != recipe.buckets.token_px:

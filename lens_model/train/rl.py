@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -50,7 +49,7 @@ from lens_model.rl.rubrics import INTEGRITY
 from lens_model.rollout import rollout
 from lens_model.train.engine import TrainConfig, Trainer
 from lens_model.train.ledger import ComputeLedger
-from lens_model.train.pretrain import TEXT_MULTIPLE, Events, _rank_world, read_recipe, save_final
+from lens_model.train.pretrain import TEXT_MULTIPLE, Events, save_final, start_program
 from lens_model.transformer import pack_text, patchify
 
 GOLD_SEED = 10_000  # gold images draw noise from seeds GOLD_SEED + i: the same every time
@@ -426,16 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", required=True, help="the RL prompt set (Parquet)")
     ap.add_argument("--run-dir", dest="run", required=True, help="checkpoints, events, model")
     args = ap.parse_args(argv)
-    recipe, run = read_recipe(args.params), Path(args.run)
-    from deepspeed.accelerator import get_accelerator
-
-    if (accel := get_accelerator().device_name()) != recipe.launch.device:
-        raise SystemExit(f"launch.device is {recipe.launch.device!r} but DeepSpeed's accelerator "
-                         f"is {accel!r}; set DS_ACCELERATOR={recipe.launch.device} (the rl task "
-                         f"does) or change launch.device in the recipe")
-    omp = os.environ.get("OMP_NUM_THREADS", "")
-    threads = int(omp) if omp.isdigit() else 0
-    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // max(1, _rank_world()[1])))
+    recipe, run = start_program(args.params), Path(args.run)
     denoiser, encoder, vae, meta = load_parts(args.model)
     train_rl(recipe, run, denoiser, encoder, vae, read_prompts(args.prompts), make_judge(recipe),
              meta["vae"], str(Path(args.model).resolve()))
