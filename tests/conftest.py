@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -32,10 +33,10 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture(scope="session")
 def prefect_server():
-    """Prefect's own test server, once per session (about 7 s to start)."""
+    """Prefect's own test server, once per session (about 7 s to start on a quiet host)."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=60):
+    with prefect_test_harness(server_startup_timeout=180):  # a busy 2-core host can need >60 s
         yield
 
 
@@ -129,3 +130,39 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+BRIEF = ["data.num_samples=512", "data.samples_per_shard=256", "vae.steps=200",
+         "pretrain.steps=600", "pretrain.sample_every=1000", "pretrain.ckpt_every=1000",
+         "pretrain.log_every=100", "tracking.experiment=lens-brief"]
+
+
+@dataclass(frozen=True)
+class BriefTeacher:
+    model: str  # a training final/
+    data: Path  # its validated dataset; its features are under LENS_HOME/features
+
+
+@pytest.fixture(scope="session")
+def brief_teacher(prefect_server, tmp_path_factory) -> BriefTeacher:
+    """A tiny model trained briefly by the pipeline's own VAE and pretrain stages, once per
+    session: the RL and the distillation mechanism tests start from it."""
+    from prefect import flow
+
+    from lens_model.recipe import load_recipe
+    from tasks import dataset
+    from tasks.pretrain import pretrain
+    from tasks.vae import vae_stage
+
+    root = tmp_path_factory.mktemp("brief")
+    recipe = load_recipe("tiny", BRIEF)
+    dataset.prepare_all(recipe, root / "raw")
+    dataset.validate_all(recipe, root / "raw", root / "data")
+    tree = recipe.model_dump(mode="json")
+
+    @flow
+    def brief() -> str:
+        vae = vae_stage(tree, str(root / "data"), "brief")
+        return pretrain(tree, str(root / "data"), vae["dir"], "brief")["model_dir"]
+
+    return BriefTeacher(brief(), root / "data")

@@ -1,5 +1,6 @@
 """The distillation program: exact resume across a kill, the turbo model's saved schedule,
-and a NaN that stops the stage with the last good checkpoint kept."""
+a NaN that stops the stage with the last good checkpoint kept, and the mechanism: a short
+distillation of a briefly trained teacher brings its 4-step samples toward its 20-step ones."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from lens import defaults
+from lens_model.data.captions import prompt_set
 from lens_model.pipeline import load_pipeline
 from lens_model.recipe import load_recipe
 from lens_model.train.distill import balanced_subset
 from lens_model.train.pretrain import save_final
 from lens_model.vae import SemanticVAE
-from tests.conftest import run_trainer, straight_and_resumed
+from tests.conftest import BRIEF, BriefTeacher, run_trainer, straight_and_resumed
 from tests.test_rl import tiny_denoiser
 
 SHORT = ["data.num_samples=48", "data.samples_per_shard=48", "distill.steps=4",
@@ -110,3 +113,50 @@ def test_the_balanced_subset_deals_evenly_over_buckets() -> None:
     subset = balanced_subset(buckets, 8, seed=0)
     assert len(subset["40x24"]) == 3 and len(subset["32x32"]) == 5
     assert subset == balanced_subset(buckets, 8, seed=0)
+
+
+MECHANISM = ["distill.steps=40", "distill.batch=8", "distill.ttur=2", "distill.num_samples=512",
+             "distill.guidance=4.0", "distill.lr=1e-5", "distill.disc_lr=1e-5",
+             "distill.precision=fp32", "distill.ckpt_every=1000", "distill.log_every=10"]
+MARGIN = 0.7  # the student's distance at most this share of the undistilled model's
+
+
+# slow: the brief teacher's distillation adds ~90 s. Expected to fail until tuned: 40 updates at
+# lr 1e-5 reach 0.251 against the undistilled 0.264 (at 3e-5: 0.391, at 1e-4: 0.937), short of
+# the margin; docs/distill.md holds the levers left.
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="the student does not yet beat the undistilled model "
+                   "by the margin (docs/distill.md)")
+def test_a_short_distillation_brings_4_steps_toward_the_teachers_cfg_samples(
+        brief_teacher: BriefTeacher, tmp_path: Path) -> None:
+    """The teacher's 20-step CFG samples are the reference (eval prompts, fixed seeds). The
+    student's 4-step CFG-free latents are nearer them, in mean squared distance, than the
+    teacher's own 4 steps without CFG, by the margin above."""
+    recipe = load_recipe("tiny", [*BRIEF, *MECHANISM])
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
+    proc = run_trainer("distill", ["--params", str(tmp_path / "recipe.yaml"), "--model",
+                                   brief_teacher.model, "--dataset", str(brief_teacher.data),
+                                   "--features", str(defaults.lens_home() / "features"),
+                                   "--run-dir", str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    teacher, student = load_pipeline(brief_teacher.model), load_pipeline(tmp_path / "final")
+    prompts = [p.text for p in prompt_set(6, 123)]
+    kw: dict = {"size": "32x32", "seed": 5000, "output_type": "latent"}
+    reference = teacher(prompts, num_inference_steps=20, guidance_scale=4.0, **kw).images
+    undistilled = teacher(prompts, num_inference_steps=4, guidance_scale=1.0, **kw).images
+    turbo = student(prompts, **kw).images
+    near, far = ((x - reference).square().mean().item() for x in (turbo, undistilled))
+    print(f"distance to the teacher's 20-step CFG latents: student {near:.4f}, "
+          f"undistilled {far:.4f} ({near / far:.2f})")
+    assert near <= MARGIN * far, (near, far)
+
+
+def test_a_missing_teacher_is_named(tmp_path: Path) -> None:
+    from lens_model.train.distill import main
+
+    recipe = load_recipe("tiny", SHORT)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
+    with pytest.raises(FileNotFoundError, match="nowhere has no lens.json"):
+        main(["--params", str(tmp_path / "recipe.yaml"), "--model", str(tmp_path / "nowhere"),
+              "--dataset", str(tmp_path), "--features", str(tmp_path), "--run-dir",
+              str(tmp_path / "run")])

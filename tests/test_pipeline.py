@@ -1,7 +1,7 @@
 """The pipeline end to end on the tiny recipe, shortened: data -> vae -> pretrain -> rl ->
-reasoner -> search -> evaluate -> register -> promote, with the MLflow parent run, the stage
-runs under it, the streamed losses, sample grids, a registered model that loads in a fresh
-process, and a cached rerun."""
+reasoner -> search -> distill -> evaluate -> register -> promote, with the MLflow parent run,
+the stage runs under it, the streamed losses, sample grids, registered models (the main and
+the turbo one) that load and draw, and a cached rerun."""
 
 from __future__ import annotations
 
@@ -27,7 +27,9 @@ SHORT = ["data.num_samples=64", "data.samples_per_shard=32", "vae.steps=4",
          "reasoner.log_every=2", "reasoner.heldout_examples=9", "reasoner.max_new_tokens=24",
          "reasoner.search.dev_per_category=1", "reasoner.search.candidates_per_round=2",
          "reasoner.search.patience=1", "reasoner.search.max_rounds=1",
-         "reasoner.search.test_per_category=1", "eval.prompts_per_category=2",
+         "reasoner.search.test_per_category=1", "distill.steps=2", "distill.batch=2",
+         "distill.ttur=1", "distill.num_samples=8", "distill.log_every=1",
+         "eval.prompts_per_category=2",
          "gates.min_overall=0",
          "gates.max_latency_s=60", "tracking.model_name=lens-pipeline-test"]
 LOAD = """
@@ -64,10 +66,10 @@ def test_tiny_pipeline_trains_and_tracks(prefect_server, dvc_repo: Path, capsys,
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert {r.data.tags["lens.stage"] for r in children} == {
-        "data", "vae", "pretrain", "rl_prompts", "rl", "reasoner", "reasoner-search", "evaluate",
-        "register"}
+        "data", "vae", "pretrain", "rl_prompts", "rl", "reasoner", "reasoner-search", "distill",
+        "evaluate", "register"}
     assert set(out["stages"]) == {"data", "vae", "pretrain", "rl", "reasoner", "search",
-                                  "evaluate", "register", "promote"}
+                                  "distill", "evaluate", "register", "promote"}
     assert set(out["scores"]) == set(out["baseline_scores"]) >= {"overall", "colors"}
     assert set(out["pretrained_scores"]) == set(out["scores"])  # the model RL started from
     rl_run = [r for r in children if r.data.tags["lens.stage"] == "rl"][0]
@@ -91,7 +93,8 @@ def test_tiny_pipeline_trains_and_tracks(prefect_server, dvc_repo: Path, capsys,
     assert mv.tags["lens.run.pretrain"] == out["pretrain_run_id"] and "eval.colors" in mv.tags
     by_stage = {r.data.tags["lens.stage"]: r.info.run_id for r in children}
     assert {k.removeprefix("lens.run.") for k in mv.tags if k.startswith("lens.run.")} == {
-        "data", "vae", "pretrain", "rl_prompts", "rl", "reasoner", "search", "evaluate"}
+        "data", "vae", "pretrain", "rl_prompts", "rl", "reasoner", "search", "distill",
+        "evaluate"}
     assert mv.tags["lens.run.vae"] == by_stage["vae"] and mv.tags["lens.run.rl"] == by_stage["rl"]
     assert mv.tags["lens.rl_prompts_dvc_hash"] == out["rl_prompts_dvc_hash"]
     assert "DiffusionNFT" in mv.description and "before RL" in mv.description
@@ -120,6 +123,27 @@ def test_tiny_pipeline_trains_and_tracks(prefect_server, dvc_repo: Path, capsys,
     assert mv.tags["lens.run.reasoner"] == by_stage["reasoner"]
     assert mv.tags["lens.prefect_flow_run_id"] and mv.tags["lens.git_commit"]
     assert "Shapes-GenEval" in mv.description
+    # The distilled student: its own run, scored beside the teacher, registered as -turbo.
+    turbo = out["turbo"]
+    assert turbo["model"] == "lens-pipeline-test-turbo" and turbo["steps"] == 4
+    distill_run = client.get_run(by_stage["distill"])
+    assert distill_run.data.tags["lens.teacher_run"] == by_stage["rl"]
+    assert {"student/dmd", "critic/fake_loss", "critic/disc_loss", "compute/flops_total"} <= set(
+        distill_run.data.metrics)
+    assert {a.path for a in client.list_artifacts(by_stage["distill"], "samples")} == {
+        "samples/turbo-step-00000000.png", "samples/turbo-step-00000002.png"}
+    assert {"turbo/overall", "undistilled/overall", "turbo/speedup"} <= set(ev.data.metrics)
+    assert ev.data.tags["lens.turbo_eval_hash"] == turbo["eval_hash"] != out["eval_hash"]
+    tv = client.get_model_version(turbo["model"], turbo["version"])
+    assert tv.tags["lens.teacher"] == f"{out['model']}/{out['version']}"
+    assert float(tv.tags["lens.teacher_overall"]) == pytest.approx(out["scores"]["overall"],
+                                                                   abs=1e-4)
+    assert tv.tags["lens.eval_hash"] == turbo["eval_hash"] and "distilled from" in tv.description
+    assert "min_teacher_share" in {c["gate"] for c in turbo["promotion"]["gates"]["checks"]}
+    assert cli.main(["generate", "a photo of a red circle", "--model",
+                     f"models:/{turbo['model']}/{turbo['version']}", "--size", "32x32",
+                     "--out", str(tmp_path / "turbo"), "--json"]) == 0  # its own 4 steps
+    assert len(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["images"]) == 1
     reqs = Path(mlflow.pyfunc.get_model_dependencies(f"models:/{out['model']}/{out['version']}"))
     assert "lens-platform==0.1.0" in reqs.read_text().split()  # pinned, and no "+cpu" label
     assert "+" not in reqs.read_text()
@@ -179,6 +203,7 @@ def test_tiny_pipeline_trains_and_tracks(prefect_server, dvc_repo: Path, capsys,
     assert again["dvc_hash"] == out["dvc_hash"] and again["vae_dir"] == out["vae_dir"]
     # evaluation and registration are cached: the same scores and the same model version
     assert again["version"] == out["version"] and again["scores"] == out["scores"]
+    assert again["turbo"]["version"] == turbo["version"]
     assert again["aliases"] == ["candidate", "champion"]
 
     # A reviewer compares the two pipeline runs: one by run id, one by NAME/VERSION.

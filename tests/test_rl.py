@@ -28,7 +28,7 @@ from lens_model.text_encoder import LanguageEncoder
 from lens_model.train.pretrain import save_final
 from lens_model.transformer import LensTransformer2DModel
 from lens_model.vae import SemanticVAE
-from tests.conftest import run_trainer, straight_and_resumed
+from tests.conftest import BRIEF, BriefTeacher, run_trainer, straight_and_resumed
 
 RL_SHORT = ["rl.num_prompts=24", "rl.groups=2", "rl.group_size=2", "rl.sample_steps=2",
             "rl.steps=4", "rl.ckpt_every=2", "rl.keep_last=3", "rl.gold_every=2",
@@ -293,9 +293,6 @@ def test_failed_judgements_are_counted_and_left_out_of_the_update(rl_inputs) -> 
 
 # --- the mechanism: RL on one easy rubric moves its pass rate, either way -------------------
 
-BRIEF = ["data.num_samples=512", "data.samples_per_shard=256", "vae.steps=200",
-         "pretrain.steps=600", "pretrain.sample_every=1000", "pretrain.ckpt_every=1000",
-         "pretrain.log_every=100", "tracking.experiment=lens-rl-mechanism"]
 ONE = {"one": {"kind": "total", "count": 1}}  # the prompts below ask for one object each
 
 
@@ -314,26 +311,8 @@ class OneJudge:
 
 
 @pytest.fixture(scope="module")
-def brief_model(prefect_server, tmp_path_factory) -> str:
-    """A tiny model trained briefly by the pipeline's own VAE and pretrain stages."""
-    from prefect import flow
-
-    from tasks import dataset
-    from tasks.pretrain import pretrain
-    from tasks.vae import vae_stage
-
-    root = tmp_path_factory.mktemp("brief")
-    recipe = load_recipe("tiny", BRIEF)
-    dataset.prepare_all(recipe, root / "raw")
-    dataset.validate_all(recipe, root / "raw", root / "data")
-    tree = recipe.model_dump(mode="json")
-
-    @flow
-    def brief() -> str:
-        vae = vae_stage(tree, str(root / "data"), "brief")
-        return pretrain(tree, str(root / "data"), vae["dir"], "brief")["model_dir"]
-
-    return brief()
+def brief_model(brief_teacher: BriefTeacher) -> str:
+    return brief_teacher.model
 
 
 def _pass_rate(policy, prompts, hidden, vae, recipe) -> float:
