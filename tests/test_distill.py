@@ -25,7 +25,7 @@ from tests.test_rl import tiny_denoiser
 SHORT = ["data.num_samples=48", "data.samples_per_shard=48", "distill.steps=4",
          "distill.ckpt_every=2", "distill.keep_last=3", "distill.batch=2", "distill.ttur=2",
          "distill.num_samples=16", "distill.precision=fp32", "distill.lr=0.0001",
-         "eval.size=32x32", "eval.steps=4"]
+         "distill.log_every=1", "eval.size=32x32", "eval.steps=4"]
 
 
 @pytest.fixture(scope="module")
