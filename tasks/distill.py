@@ -24,7 +24,7 @@ from lens import defaults
 from lens_model import atomic
 from lens_model.recipe import Recipe
 from tasks import tracking
-from tasks.pretrain import command, gpu_tags, tracked_job
+from tasks.pretrain import command, tracked_job, under_gpu_tag
 
 PROGRAM = Path(importlib.util.find_spec("lens_model.train.distill").origin)  # no import
 
@@ -35,9 +35,8 @@ def job_name(recipe: Recipe, dvc_hash: str, teacher_dir: str) -> str:
 
 
 def distill(tree: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-    """Call :func:`distill_task` (same arguments and options) under its recipe's GPU tag."""
-    tags = gpu_tags(Recipe.model_validate(tree))
-    return distill_task.with_options(tags=distill_task.tags | tags)(tree, *args, **kwargs)
+    """Call :func:`distill_task` under its recipe's GPU tag."""
+    return under_gpu_tag(distill_task, tree, *args, **kwargs)
 
 
 @task(name="distill", retries=1, retry_delay_seconds=5)

@@ -71,10 +71,16 @@ def gpu_tags(recipe: Recipe) -> set[str]:
     return {gpu.lower()} if recipe.launch.device == "cuda" and gpu != "none" else set()
 
 
-def pretrain(tree: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-    """Call :func:`pretrain_task` (same arguments and options) under its recipe's GPU tag."""
+def under_gpu_tag(stage: Any, tree: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+    """Call the training task ``stage`` (same arguments and options) under its recipe's GPU
+    tag."""
     tags = gpu_tags(Recipe.model_validate(tree))
-    return pretrain_task.with_options(tags=pretrain_task.tags | tags)(tree, *args, **kwargs)
+    return stage.with_options(tags=stage.tags | tags)(tree, *args, **kwargs)
+
+
+def pretrain(tree: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+    """Call :func:`pretrain_task` under its recipe's GPU tag."""
+    return under_gpu_tag(pretrain_task, tree, *args, **kwargs)
 
 
 @task(name="pretrain", retries=1, retry_delay_seconds=5)

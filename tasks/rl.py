@@ -23,7 +23,7 @@ from lens import defaults
 from lens_model import atomic
 from lens_model.recipe import Recipe
 from tasks import tracking
-from tasks.pretrain import command, gpu_tags, tracked_job
+from tasks.pretrain import command, tracked_job, under_gpu_tag
 
 PROGRAM = Path(importlib.util.find_spec("lens_model.train.rl").origin)  # no import
 
@@ -34,9 +34,8 @@ def job_name(recipe: Recipe, prompts_hash: str, model_dir: str) -> str:
 
 
 def rl(tree: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-    """Call :func:`rl_task` (same arguments and options) under its recipe's GPU tag."""
-    tags = gpu_tags(Recipe.model_validate(tree))
-    return rl_task.with_options(tags=rl_task.tags | tags)(tree, *args, **kwargs)
+    """Call :func:`rl_task` under its recipe's GPU tag."""
+    return under_gpu_tag(rl_task, tree, *args, **kwargs)
 
 
 @task(name="rl", retries=1, retry_delay_seconds=5)
