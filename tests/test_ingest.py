@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import tarfile
 import time
 import warnings
 from pathlib import Path
@@ -214,6 +215,31 @@ def test_folder_roundtrip_and_chunking(tmp_path, tok):
         parts = members[row["key"]]
         assert set(parts) == {"png", "txt", "json"} and parts["txt"] == hostile.CAPTION
         assert row["shard"].startswith("shard-") and row["bucket"] == "64x64"
+
+
+def test_a_folder_of_tars_and_parquet_reads_each_as_if_named(tmp_path, tok):
+    """A folder may hold WebDataset tars and Parquet files beside images: each is planned and
+    read as if given on the command line, and every sample arrives."""
+    inp = tmp_path / "in"
+    (inp / "sub").mkdir(parents=True)
+    image = hostile.encode(hostile.noise(seed=1))
+    with tarfile.open(inp / "sub" / "part-0.tar", "w") as tar:
+        for i in range(3):
+            for ext, data in (("png", image), ("txt", hostile.CAPTION)):
+                info = tarfile.TarInfo(f"s{i}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    pq.write_table(pa.table({"image": [image] * 2, "caption": ["a caption"] * 2}),
+                   inp / "rows.parquet")
+    (inp / "img.png").write_bytes(image)
+    (inp / "img.txt").write_bytes(hostile.CAPTION)
+    kinds = [c["kind"] for c in plan_chunks([inp], 2)]
+    assert kinds == ["folder", "parquet", "tar", "tar"]  # files, then containers by path
+    candidates, quarantine, _ = run([inp], tmp_path / "out", tok, per_shard=2)
+    assert not quarantine and len(candidates) == 6
+    sources = sorted(r["source"].replace(str(inp), "IN") for r in candidates)
+    assert sources == ["IN/img.png", "IN/rows.parquet#0", "IN/rows.parquet#1",
+                       *(f"IN/sub/part-0.tar::s{i}" for i in range(3))]
 
 
 def test_plan_errors(tmp_path):

@@ -4,6 +4,7 @@ Three input forms:
 - a folder of images (jpg, jpeg, png, webp, bmp, gif, tif, tiff) with same-stem ``.txt`` or
   ``.json`` captions, walked recursively; a ``.json`` gives the caption (its "caption" or
   "text" field) only when there is no ``.txt``, and is kept as ``meta`` when it is an object;
+  the ``.tar`` and ``.parquet`` files a folder holds are each read as if named on their own;
 - a WebDataset ``.tar``: members ``KEY.ext`` grouped by KEY (the member path up to the first
   dot of its file name), with the same image and caption extensions;
 - a ``.parquet`` file with an image-bytes column (``image``, ``image_bytes``, ``jpg`` or
@@ -41,10 +42,12 @@ from lens_model.data.items import RawItem
 INPUT_IMAGE_EXTS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
 CAPTION_EXTS = frozenset({"txt", "json"})
 SAMPLE_EXTS = INPUT_IMAGE_EXTS | CAPTION_EXTS
+CONTAINER_EXTS = frozenset({"tar", "parquet"})  # in a folder: planned as their own inputs
 PARQUET_IMAGE_COLUMNS = ("image", "image_bytes", "jpg", "png")
 PARQUET_CAPTION_COLUMNS = ("caption", "text")
 MAX_FILE_BYTES = 256 << 20  # one sample file bigger than this is refused, not loaded into memory
-ACCEPTED = ("a folder of images with same-stem .txt/.json captions, a WebDataset .tar "
+ACCEPTED = ("a folder of images with same-stem .txt/.json captions (and/or .tar and .parquet "
+            "files), a WebDataset .tar "
             "(KEY.jpg/png/webp + KEY.txt/json), or a .parquet file with an image-bytes column "
             f"({', '.join(PARQUET_IMAGE_COLUMNS)}) and a caption column "
             f"({', '.join(PARQUET_CAPTION_COLUMNS)})")
@@ -100,9 +103,10 @@ def plan_chunks(paths: list[str | Path], samples_per_shard: int) -> list[dict[st
     return chunks
 
 
-def _walk(root: str) -> list[str]:
-    """Sorted relative paths of sample files, symlinks and special files; links not followed."""
-    found, stack = [], [""]
+def _walk(root: str) -> tuple[list[str], list[str]]:
+    """Sorted relative paths of (sample files, symlinks and special files) and of the regular
+    .tar and .parquet files; links not followed."""
+    found, containers, stack = [], [], [""]
     while stack:
         rel = stack.pop()
         try:
@@ -117,20 +121,27 @@ def _walk(root: str) -> list[str]:
             child = f"{rel}/{entry.name}" if rel else entry.name
             if entry.is_dir(follow_symlinks=False):
                 stack.append(child)
+            elif entry.is_file(follow_symlinks=False) and _ext(entry.name) in CONTAINER_EXTS:
+                containers.append(child)
             elif (entry.is_symlink() or not entry.is_file(follow_symlinks=False)
                   or _ext(entry.name) in SAMPLE_EXTS):
                 found.append(child)
-    return sorted(found)
+    return sorted(found), sorted(containers)
 
 
 def _plan_folder(root: str, per_chunk: int) -> list[dict[str, Any]]:
     groups: dict[str, list[str]] = {}
-    for rel in _walk(root):
+    files, containers = _walk(root)
+    for rel in files:
         stem = rel[: -len(_ext(rel)) - 1] if _ext(rel) else rel
         groups.setdefault(stem, []).append(rel)
     items = [[stem, groups[stem]] for stem in sorted(groups)]
-    return [{"kind": "folder", "root": root, "items": items[i:i + per_chunk]}
-            for i in range(0, len(items), per_chunk)]
+    chunks = [{"kind": "folder", "root": root, "items": items[i:i + per_chunk]}
+              for i in range(0, len(items), per_chunk)]
+    for rel in containers:
+        plan = _plan_tar if _ext(rel) == "tar" else _plan_parquet
+        chunks += plan(os.path.join(root, rel), per_chunk)
+    return chunks
 
 
 def _plan_tar(path: str, per_chunk: int) -> list[dict[str, Any]]:
