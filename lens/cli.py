@@ -341,33 +341,12 @@ def cmd_train_render(args: argparse.Namespace) -> int:
 
     from lens_model import atomic
     from lens_model.recipe import load_recipe
-    from lens_model.train.launch import render
+    from lens_model.train.launch import render_job
 
     recipe = load_recipe(args.recipe, args.overrides)
-    slug = recipe.name.replace(".", "-")
-    pretrain_run = f"{args.mount}/pretrain-{slug}-{recipe.hash()}"
-    launch = recipe.launch
-    if args.stage in ("rl", "distill"):
-        name = f"{args.stage}-{slug}-{recipe.hash()}"
-        run = f"{args.mount}/{name}"
-        if args.stage == "rl":
-            nnodes = recipe.rl.nnodes or launch.nnodes
-            inputs = ["--model", args.model or f"{pretrain_run}/final", "--prompts", args.prompts]
-        else:  # the teacher is the RL job's model; the features are pretraining's cache
-            nnodes = launch.nnodes
-            inputs = ["--model", args.model or f"{args.mount}/rl-{slug}-{recipe.hash()}/final",
-                      "--dataset", args.dataset, "--features", f"{args.mount}/features"]
-        script_args = ["--params", f"{run}/recipe.yaml", *inputs, "--run-dir", run]
-    else:
-        name, run, nnodes = pretrain_run.rsplit("/", 1)[-1], pretrain_run, launch.nnodes
-        script_args = ["--params", f"{run}/recipe.yaml", "--dataset", args.dataset,
-                       "--vae", args.vae or recipe.vae.path or f"{run}/vae", "--run-dir", run]
-    params = {"name": name, "nnodes": nnodes, "nproc_per_node": launch.nproc_per_node,
-              "master_port": launch.master_port,
-              "script": f"lens_model/train/{args.stage}.py", "args": script_args}
-    if args.target == "k8s":
-        params |= {"image": launch.image, "mount_path": args.mount, "pvc": args.pvc}
-    text = render(args.target, **params)
+    name, run, text = render_job(recipe, args.stage, args.target, mount=args.mount,
+                                 pvc=args.pvc, dataset=args.dataset, vae=args.vae,
+                                 model=args.model, prompts=args.prompts)
     if args.out:
         out = Path(args.out)  # atomic writes create it
         suffix = "yaml" if args.target == "k8s" else "sbatch"

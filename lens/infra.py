@@ -21,13 +21,10 @@ so the compose and Kubernetes servers cannot drift from the local ones. Deployme
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import io
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -178,15 +175,11 @@ def client_env(s: services.ServiceSettings, mlflow_host: str) -> dict[str, str]:
 
 def pytorchjob(s: services.ServiceSettings, recipe: str = GPU_RECIPE) -> str:
     """The PyTorchJob ``lens train render RECIPE --target k8s`` writes, in the team's image."""
-    from lens import cli
+    from lens_model.recipe import load_recipe
+    from lens_model.train.launch import render_job
 
-    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
-        code = cli.main(["train", "render", recipe, "--target", "k8s", "--out", tmp,
-                         "--set", f"launch.image={s.images['mlflow']}"])
-        files = sorted(Path(tmp).glob("pretrain-*.yaml"))
-        if code != 0 or len(files) != 1:
-            raise InfraError(f"`lens train render {recipe} --target k8s` failed (exit {code})")
-        return files[0].read_text()
+    loaded = load_recipe(recipe, [f"launch.image={s.images['mlflow']}"])
+    return render_job(loaded, "pretrain", "k8s")[2]
 
 
 def master_pod(job: dict[str, Any]) -> dict[str, Any]:

@@ -7,7 +7,8 @@
   reaches the hosts over ssh/pdsh (or, with ``node_rank``, runs this node only, no ssh);
 - ``render("k8s" | "slurm", ...)``: a Kubeflow PyTorchJob or a Slurm batch script from the
   Jinja2 templates in ``infra/templates``; both rendezvous (torchrun c10d) on the job's first
-  node: the PyTorchJob's master service, or the first host of the Slurm allocation.
+  node: the PyTorchJob's master service, or the first host of the Slurm allocation;
+  ``render_job(recipe, stage, ...)`` fills it for one stage's training program.
 
 The parameter names follow the recipe's ``launch`` section (nnodes, nproc_per_node,
 master_addr, master_port, image). The training script reads its rank from the environment
@@ -23,9 +24,12 @@ import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
+
+if TYPE_CHECKING:
+    from lens_model.recipe import Recipe
 
 TEMPLATE_DIR = Path(os.environ.get("LENS_TEMPLATE_DIR")
                     or Path(__file__).resolve().parents[2] / "infra" / "templates")
@@ -190,3 +194,40 @@ def render(target: str, **params: Any) -> str:
                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
                              autoescape=False)
     return env.get_template(TEMPLATES[target]).render(**p)
+
+
+def render_job(recipe: Recipe, stage: str, target: str, *, mount: str = "/workspace/runs",
+               pvc: str | None = "lens-runs", dataset: str = "data/dataset",
+               vae: str | None = None, model: str | None = None,
+               prompts: str = "data/rl_prompts/prompts.parquet") -> tuple[str, str, str]:
+    """One stage's cluster job (``target`` "k8s" or "slurm"): ``(name, run dir, text)``. The
+    run dir on the shared volume ``mount`` is named for the stage, recipe and its hash, so the
+    rl job finds pretraining's final/ and distill the rl job's; ``model`` overrides that."""
+    slug = recipe.name.replace(".", "-")
+    pretrain_run = f"{mount}/pretrain-{slug}-{recipe.hash()}"
+    launch = recipe.launch
+    if stage in ("rl", "distill"):
+        name = f"{stage}-{slug}-{recipe.hash()}"
+        run = f"{mount}/{name}"
+        if stage == "rl":
+            nnodes = recipe.rl.nnodes or launch.nnodes
+            inputs = ["--model", model or f"{pretrain_run}/final", "--prompts", prompts]
+        else:  # the teacher is the RL job's model; the features are pretraining's cache
+            nnodes = launch.nnodes
+            inputs = ["--model", model or f"{mount}/rl-{slug}-{recipe.hash()}/final",
+                      "--dataset", dataset, "--features", f"{mount}/features"]
+        script_args = ["--params", f"{run}/recipe.yaml", *inputs, "--run-dir", run]
+    elif stage == "pretrain":
+        name, run, nnodes = pretrain_run.rsplit("/", 1)[-1], pretrain_run, launch.nnodes
+        script_args = ["--params", f"{run}/recipe.yaml", "--dataset", dataset,
+                       "--vae", vae or recipe.vae.path or f"{run}/vae", "--run-dir", run]
+    else:
+        raise ValueError(f"stage {stage!r} has no training program; use pretrain, rl or "
+                         f"distill")
+    params: dict[str, Any] = {"name": name, "nnodes": nnodes,
+                              "nproc_per_node": launch.nproc_per_node,
+                              "master_port": launch.master_port,
+                              "script": f"lens_model/train/{stage}.py", "args": script_args}
+    if target == "k8s":
+        params |= {"image": launch.image, "mount_path": mount, "pvc": pvc}
+    return name, run, render(target, **params)
