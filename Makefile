@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lens-installed
-# Offline and private: no telemetry, no hub downloads (the same as lens/defaults.py).
+# Offline and private: no telemetry, no hub downloads (the same as lens_model/defaults.py).
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export DVC_NO_ANALYTICS ?= 1

@@ -26,8 +26,10 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lens import defaults  # noqa: E402
-from lens_model import atomic  # noqa: E402
+from lens_model import (
+    atomic,  # noqa: E402
+    defaults,  # noqa: E402
+)
 
 defaults.apply()
 

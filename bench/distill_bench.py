@@ -34,8 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "distill_bench.json"))
     args = ap.parse_args(argv)
     sys.path.insert(0, str(REPO))
-    from lens import defaults
-    from lens_model import atomic
+    from lens_model import atomic, defaults
 
     defaults.apply()
     from flows.pipeline import run

@@ -42,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-dir", default=None, help="score this pretraining run's snapshots")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(REPO))
-    from lens import defaults
-    from lens_model import atomic
+    from lens_model import atomic, defaults
 
     defaults.apply()
     from flows.pipeline import run

@@ -122,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.pop(var, None)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".lens" / "torch_extensions"))
     sys.path.insert(0, str(REPO))
-    from lens import defaults
-    from lens_model import atomic
+    from lens_model import atomic, defaults
 
     defaults.apply()
     _repo(work / "repo")

@@ -60,8 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.long_caption_prob is not None and not 0 < args.long_caption_prob <= 1:
         ap.error(f"--long-caption-prob {args.long_caption_prob}: give a share in (0, 1]")
     sys.path.insert(0, str(REPO))
-    from lens import defaults
-    from lens_model import atomic
+    from lens_model import atomic, defaults
 
     defaults.apply()
     from lens_model.recipe import load_recipe

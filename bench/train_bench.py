@@ -41,8 +41,10 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lens import defaults  # noqa: E402
-from lens_model import atomic  # noqa: E402
+from lens_model import (
+    atomic,  # noqa: E402
+    defaults,  # noqa: E402
+)
 
 defaults.apply()
 

@@ -34,8 +34,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lens import defaults
-from lens.secrets import redact
+from lens_model import defaults
+from lens_model.secrets import redact
 
 DATA_COMMANDS = {"ingest", "prepare", "validate"}
 

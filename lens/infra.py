@@ -33,8 +33,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
-from lens import defaults, services
-from lens_model import atomic
+from lens import services
+from lens_model import atomic, defaults
 
 REPO = Path(__file__).resolve().parents[1]
 PROCESS_POOL, GPU_POOL = "lens-process", "lens-gpu"

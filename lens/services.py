@@ -31,9 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from lens import defaults
-from lens.secrets import is_secret_name, redact
-from lens_model import atomic
+from lens_model import atomic, defaults
+from lens_model.secrets import is_secret_name, redact
 
 # Every variable ServiceSettings reads, with its default ("" = unset) and what it means.
 ENV_VARS: dict[str, tuple[str, str]] = {

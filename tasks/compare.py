@@ -19,11 +19,11 @@ from mlflow.exceptions import MlflowException
 from PIL import Image, ImageDraw
 
 import mlflow
-from lens.secrets import redact
 from lens_model import atomic
 from lens_model.eval.geneval import EvalProtocol, pipeline_generator
 from lens_model.pipeline import load_pipeline
 from lens_model.reasoner.search import prompt_hash
+from lens_model.secrets import redact
 from tasks.registry import local_model
 
 GRID_PER_CATEGORY = 2

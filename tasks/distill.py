@@ -20,8 +20,7 @@ from typing import Any
 import yaml
 from prefect import task
 
-from lens import defaults
-from lens_model import atomic
+from lens_model import atomic, defaults
 from lens_model.recipe import Recipe
 from tasks import tracking
 from tasks.pretrain import command, tracked_job, under_gpu_tag

@@ -12,8 +12,7 @@ from typing import Any
 
 import yaml
 
-from lens import defaults
-from lens_model import atomic
+from lens_model import atomic, defaults
 from lens_model.recipe import Recipe
 
 RAW, DATASET = "data/raw", "data/dataset"

@@ -23,8 +23,7 @@ from typing import Any
 from prefect import get_run_logger, task
 
 import mlflow
-from lens import defaults
-from lens_model import atomic
+from lens_model import atomic, defaults
 from lens_model.eval.geneval import (
     EvalProtocol,
     EvalReport,

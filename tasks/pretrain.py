@@ -19,8 +19,7 @@ import yaml
 from prefect import get_run_logger, task
 
 import mlflow
-from lens import defaults
-from lens_model import atomic
+from lens_model import atomic, defaults
 from lens_model.recipe import Recipe
 from lens_model.train.launch import torchrun_cmd
 from tasks import tracking

@@ -26,7 +26,7 @@ from typing import Any
 from mlflow.exceptions import MlflowException
 
 import mlflow
-from lens import defaults
+from lens_model import defaults
 from lens_model.atomic import file_lock
 from lens_model.recipe import GatesSection
 from tasks.registry import CHAMPION

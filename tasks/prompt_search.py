@@ -19,8 +19,7 @@ from typing import Any
 from prefect import get_run_logger, task
 
 import mlflow
-from lens import defaults
-from lens_model import atomic
+from lens_model import atomic, defaults
 from lens_model.eval.geneval import R_PROMPT_SET_VERSION, EvalProtocol, pipeline_generator
 from lens_model.pipeline import load_pipeline
 from lens_model.reasoner.scoring import as_score, dev_prompts, judged

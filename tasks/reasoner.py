@@ -20,7 +20,7 @@ import torch
 from prefect import get_run_logger, task
 
 import mlflow
-from lens import defaults
+from lens_model import defaults
 from lens_model.reasoner.base import Reasoner
 from lens_model.reasoner.endpoint import OpenAIReasoner
 from lens_model.reasoner.lm import HFReasoner

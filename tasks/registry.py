@@ -20,10 +20,10 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from prefect import get_run_logger, task
 
 import mlflow
-from lens.secrets import redact
 from lens_model.pipeline import load_pipeline
 from lens_model.reasoner.attached import attach
 from lens_model.recipe import Recipe
+from lens_model.secrets import redact
 from tasks import tracking
 from tasks.cache import keyed_by, trained_model
 

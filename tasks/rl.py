@@ -19,8 +19,7 @@ import yaml
 from prefect import get_run_logger, task
 
 import mlflow
-from lens import defaults
-from lens_model import atomic
+from lens_model import atomic, defaults
 from lens_model.recipe import Recipe
 from tasks import tracking
 from tasks.pretrain import command, tracked_job, under_gpu_tag

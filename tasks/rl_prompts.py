@@ -20,7 +20,6 @@ import yaml
 from prefect import task
 
 import mlflow
-from lens.secrets import redact_mapping
 from lens_model import atomic
 from lens_model.recipe import Recipe
 from lens_model.rl import taxonomy as taxonomy_mod
@@ -33,6 +32,7 @@ from lens_model.rl.prompts import (
     write_prompts,
 )
 from lens_model.rl.rubrics import MAX_RUBRICS
+from lens_model.secrets import redact_mapping
 from tasks import contract as gx_contract
 from tasks import dvc_ops, tracking
 from tasks.cache import keyed_by

@@ -2,7 +2,7 @@
 
 Credentials come from the environment (or instance roles) and stay there: nothing here logs
 ``os.environ``. As a second line of defence every param and tag this module logs goes
-through :func:`lens.secrets.redact_mapping` (secret-named keys, secret environment values
+through :func:`lens_model.secrets.redact_mapping` (secret-named keys, secret environment values
 and URI passwords become ``***``).
 """
 
@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from lens import defaults
-from lens.secrets import redact_mapping
+from lens_model import defaults
 from lens_model.recipe import Recipe
+from lens_model.secrets import redact_mapping
 
 
 def git_commit(cwd: str | Path = ".") -> str:

@@ -11,8 +11,7 @@ import torch
 from prefect import get_run_logger, task
 
 import mlflow
-from lens import defaults
-from lens_model import atomic
+from lens_model import atomic, defaults
 from lens_model.buckets import buckets_for
 from lens_model.data.loader import PackedLoader
 from lens_model.recipe import Recipe

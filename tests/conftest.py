@@ -24,7 +24,7 @@ os.environ["LENS_HOME"] = str(_SESSION / "home")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR",
                       str(Path(__file__).resolve().parents[1] / ".lens" / "torch_extensions"))
 
-from lens import defaults  # noqa: E402  (the environment above must be set first)
+from lens_model import defaults  # noqa: E402  (the environment above must be set first)
 
 defaults.apply()
 REPO = Path(__file__).resolve().parents[1]

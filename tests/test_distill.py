@@ -12,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from lens import defaults
+from lens_model import defaults
 from lens_model.data.captions import prompt_set
 from lens_model.pipeline import load_pipeline
 from lens_model.recipe import load_recipe

@@ -22,7 +22,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from lens import defaults, infra, services
+from lens import infra, services
+from lens_model import defaults
 from lens_model.train import launch
 from tests.conftest import BIN, REPO
 from tests.services_fixtures import moto_s3  # noqa: F401  (a fixture)

@@ -404,7 +404,7 @@ def test_cli_generate_from_mlflow_registry(saved: Path, tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     """A registered model holding the pipeline under artifacts/pipeline (pyfunc's layout)."""
     import mlflow
-    from lens import defaults
+    from lens_model import defaults
     from mlflow import MlflowClient
 
     mlflow.set_tracking_uri(defaults.mlflow_uri())

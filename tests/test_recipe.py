@@ -7,7 +7,7 @@ import os
 import pytest
 from PIL import Image
 
-from lens import defaults
+from lens_model import defaults
 from lens_model.buckets import assign_bucket, buckets_for, fit_to_bucket, make_buckets
 from lens_model.recipe import ASPECT_RATIOS_1_2_TO_2_1, RecipeError, load_recipe
 

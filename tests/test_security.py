@@ -138,8 +138,8 @@ def test_the_scan_finds_a_secret_raw_compressed_or_base64(tmp_path: Path) -> Non
 # --- the redaction helper ----------------------------------------------------------------------
 
 def test_secret_names_are_told_from_ordinary_keys() -> None:
-    from lens.secrets import is_secret_name
     from lens_model.recipe import load_recipe
+    from lens_model.secrets import is_secret_name
 
     for name in (*SECRET_VARS, "PREFECT_API_KEY", "reasoner.api_key",
                  "DATABASE_PASSWORD", "GITHUB_TOKEN"):
@@ -152,7 +152,7 @@ def test_secret_names_are_told_from_ordinary_keys() -> None:
 
 
 def test_redact_masks_env_secrets_uri_passwords_and_secret_keys() -> None:
-    from lens.secrets import MASK, redact, redact_mapping
+    from lens_model.secrets import MASK, redact, redact_mapping
 
     env = {"AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG", "HF_TOKEN": "hf_abcdefgh",
            "LENS_FLAG_TOKEN": "1", "HOME": "/home/lens"}
