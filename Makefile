@@ -35,7 +35,7 @@ test-all: install
 	$(VENV)/bin/pytest -q -m "slow or not slow"
 
 bench: install
-	$(PY) bench/data_bench.py
+	$(PY) -m bench.data_bench
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -1,6 +1,6 @@
 """Data-plane benchmarks (CPU). Measurements, not tests: results go to bench/results/*.json.
 
-    python bench/data_bench.py [--rows 1000000] [--out bench/results/data_bench.json]
+    python -m bench.data_bench [--rows 1000000] [--out bench/results/data_bench.json]
 
 1. contract validation of a synthetic 1,000,000-row manifest through GX 1.x (target <= 3 s,
    GX's own overhead included), beside hand-vectorised pandas checks of the same rules;
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,17 +24,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lens_model import (
-    atomic,  # noqa: E402
-    defaults,  # noqa: E402
-)
-
-defaults.apply()
-
-from lens_model.buckets import buckets_for  # noqa: E402
-from lens_model.data import contract as rules_mod  # noqa: E402
-from lens_model.recipe import load_recipe  # noqa: E402
+from lens_model import atomic, defaults
+from lens_model.buckets import buckets_for
+from lens_model.data import contract as rules_mod
+from lens_model.recipe import load_recipe
 
 
 def synthetic_manifest(rows: int, seed: int = 0, clean: bool = False) -> pd.DataFrame:
@@ -211,6 +203,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--out", default="bench/results/data_bench.json")
     args = ap.parse_args()
+    defaults.apply()  # before the benches import Prefect, GX and Dask: they read it on import
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}}
     with tempfile.TemporaryDirectory(prefix="lens-bench-") as tmp:
         work = Path(tmp)

@@ -1,8 +1,8 @@
 """Per-forward inference latency of the lens-3.8b backbone on one GPU (a lent H100), bf16.
 
-    python bench/gpu_infer.py [--iters 20] [--warmup 5] [--compile] \\
+    python -m bench.gpu_infer [--iters 20] [--warmup 5] [--compile] \\
         [--out bench/results/gpu_infer.json]
-    python bench/gpu_infer.py --smoke --out /tmp/gpu_infer_smoke.json   # CPU, tiny, seconds
+    python -m bench.gpu_infer --smoke --out /tmp/gpu_infer_smoke.json   # CPU, tiny, seconds
 
 One forward of the 48-block backbone (random weights, bf16, eval, no grad) at 1024^2: 4096
 image tokens plus 256 text tokens per sample, at batch 1 (a guidance-free step, as
@@ -21,17 +21,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch.nn.attention import sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_train.py, this one's sibling
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gpu_train import (  # noqa: E402
+from bench.gpu_train import (
     FLASH,
     StepTimer,
     build_model,
@@ -43,9 +39,8 @@ from gpu_train import (  # noqa: E402
     token_grid,
     write_json,
 )
-
-from lens_model.flops import forward_flops, param_count  # noqa: E402
-from lens_model.transformer import LensTransformer2DModel  # noqa: E402
+from lens_model.flops import forward_flops, param_count
+from lens_model.transformer import LensTransformer2DModel
 
 BATCHES = (1, 2)
 # LENS_FACTS.md "Inference" and "Measured here" (one H100, bf16, random weights, eager)

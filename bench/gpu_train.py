@@ -1,8 +1,8 @@
 """Training-step MFU of the lens-3.8b backbone on one GPU (a lent H100), bf16, random weights.
 
-    python bench/gpu_train.py [--blocks auto|N] [--steps 10] [--warmup 3] \\
+    python -m bench.gpu_train [--blocks auto|N] [--steps 10] [--warmup 3] \\
         [--out bench/results/gpu_train.json]
-    python bench/gpu_train.py --smoke --out /tmp/gpu_train_smoke.json   # CPU, tiny, seconds
+    python -m bench.gpu_train --smoke --out /tmp/gpu_train_smoke.json   # CPU, tiny, seconds
 
 One step = forward + backward + AdamW on one sample at 1024^2 (4096 image tokens) plus 256
 text tokens. Each row holds one segment with no padding, so the model passes no mask and
@@ -40,13 +40,12 @@ import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lens_model import atomic  # noqa: E402
-from lens_model.config import TransformerConfig, get_preset  # noqa: E402
-from lens_model.flops import forward_flops, memory_bytes, param_count  # noqa: E402
-from lens_model.flow_matching import add_noise, velocity_loss  # noqa: E402
-from lens_model.train.ledger import peak_tflops_for  # noqa: E402
-from lens_model.transformer import (  # noqa: E402
+from lens_model import atomic
+from lens_model.config import TransformerConfig, get_preset
+from lens_model.flops import forward_flops, memory_bytes, param_count
+from lens_model.flow_matching import add_noise, velocity_loss
+from lens_model.train.ledger import peak_tflops_for
+from lens_model.transformer import (
     LensTransformer2DModel,
     image_position_ids,
     text_position_ids,

@@ -1,6 +1,6 @@
 """Shapes-GenEval score against training compute, at fixed checkpoints of one pretraining run.
 
-    python bench/learning_bench.py [--recipe small] [--set section.key=value ...] \\
+    python -m bench.learning_bench [--recipe small] [--set section.key=value ...] \\
         [--out bench/results/learning_bench.json] [--run-dir RUN]
 
 It runs the recipe's pipeline with ``pretrain.snapshots=true`` (the EMA model saved at every
@@ -13,14 +13,11 @@ instead of running the pipeline; give the recipe and overrides it ran with.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from bench import common
 
 
 def _ledger(run_dir: Path) -> dict[int, dict[str, float]]:
@@ -34,18 +31,11 @@ def _ledger(run_dir: Path) -> dict[int, dict[str, float]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--recipe", default="small")
-    ap.add_argument("--set", dest="overrides", action="append", default=[])
-    ap.add_argument("--repo", default=str(REPO), help="the DVC repo the data flow uses")
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "learning_bench.json"))
+    ap = common.parser("learning_bench", __doc__)
     ap.add_argument("--run-dir", default=None, help="score this pretraining run's snapshots")
     args = ap.parse_args(argv)
-    sys.path.insert(0, str(REPO))
-    from lens_model import atomic, defaults
-
-    defaults.apply()
-    from flows.pipeline import run
+    overrides = [*args.overrides, "pretrain.snapshots=true"]
+    recipe = common.load(args.recipe, overrides)  # first: it sets the env these read
     from lens_model.eval.geneval import (
         EvalProtocol,
         evaluate,
@@ -53,16 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         untrained_like,
     )
     from lens_model.pipeline import load_pipeline
-    from lens_model.recipe import load_recipe
 
-    overrides = [*args.overrides, "pretrain.snapshots=true"]
-    recipe = load_recipe(args.recipe, overrides)
     protocol = EvalProtocol.from_recipe(recipe.eval)
     pipeline_s: float | None = None  # None: an existing run, scored without running it
     if args.run_dir is None:
-        start = time.perf_counter()
-        run_dir = Path(run(args.recipe, overrides, args.repo)["run_dir"])
-        pipeline_s = time.perf_counter() - start
+        result, pipeline_s = common.run_pipeline(args.recipe, overrides, args.repo)
+        run_dir = Path(result["run_dir"])
     else:
         run_dir = Path(args.run_dir)
         if not (run_dir / "snapshots").is_dir():
@@ -89,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {"benchmark": "learning_bench", "recipe": args.recipe, "recipe_hash": recipe.hash(),
            "overrides": args.overrides, "eval_hash": protocol.hash(), "points": points,
            "pipeline_s": pipeline_s, "run_dir": str(run_dir), "cpus": os.cpu_count()}
-    atomic.write_text(args.out, json.dumps(out, indent=2, default=float) + "\n")
+    common.write_json(args.out, out)
     print(f"{len(points)} points -> {args.out}")
     return 0
 

@@ -1,7 +1,7 @@
 """Orchestration overhead of the tiny pipeline: Prefect, MLflow and DVC time against the
 stages' own compute.
 
-    python bench/pipeline_bench.py [--set section.key=value ...] [--out FILE.json]
+    python -m bench.pipeline_bench [--set section.key=value ...] [--out FILE.json]
 
 It runs ``lens run tiny`` in-process on a fresh ``LENS_HOME`` (a temporary folder) and a
 fresh DVC repository, then a second time with nothing changed. Each stage reports its own
@@ -34,7 +34,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from bench.common import REPO, write_json
+from lens_model import defaults
 
 
 def _repo(root: Path) -> None:
@@ -121,9 +122,6 @@ def main(argv: list[str] | None = None) -> int:
     for var in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "LENS_DVC_REMOTE"):
         os.environ.pop(var, None)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".lens" / "torch_extensions"))
-    sys.path.insert(0, str(REPO))
-    from lens_model import atomic, defaults
-
     defaults.apply()
     _repo(work / "repo")
     from flows.pipeline import run
@@ -151,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
            "overhead_fraction": runs[0]["overhead_fraction"], "target": 0.10,
            "passed": runs[0]["overhead_fraction"] <= 0.10, "rerun_wall_s": runs[1]["wall_s"],
            "cpus": os.cpu_count()}
-    atomic.write_text(args.out, json.dumps(out, indent=2, default=float) + "\n")
+    write_json(args.out, out)
     split = ", ".join(f"{k.removesuffix('_s')} {v:.1f} s"
                       for k, v in runs[0]["overhead_split_s"].items())
     print(f"overhead {out['overhead_fraction']:.1%} of {runs[0]['wall_s']:.0f} s (target 10%; "

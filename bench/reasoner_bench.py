@@ -1,6 +1,6 @@
 """The reasoner's effect: shapes-GenEval-R and shapes-GenEval with and without it, one run.
 
-    python bench/reasoner_bench.py [--recipe small] [--set section.key=value ...] \\
+    python -m bench.reasoner_bench [--recipe small] [--set section.key=value ...] \\
         [--long-caption-prob 0.5] [--out bench/results/reasoner_bench.json]
 
 It runs the recipe's pipeline (data -> ... -> rl -> reasoner -> search -> ...; stages that
@@ -16,25 +16,19 @@ holds the long-caption rule.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import sys
-import time
-from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from bench import common
+
 MIN_GAIN_NONE, MIN_GAIN_SEED, MAX_PLAIN_DROP = 0.30, 0.05, 0.02
 
 
 def _side(recipe: str, overrides: list[str], repo: str) -> dict[str, Any]:
     """Run the pipeline once and return its reasoner figures and wall time."""
-    from flows.pipeline import run
     from lens_model.reasoner.rules import parse
 
-    start = time.perf_counter()
-    result = run(recipe, overrides, repo)
+    result, pipeline_s = common.run_pipeline(recipe, overrides, repo)
     r = result["reasoner"]
     test = r["test"]
     rules = [ref.name for ref in parse(r["system_prompt"])[0]]
@@ -45,31 +39,20 @@ def _side(recipe: str, overrides: list[str], repo: str) -> dict[str, Any]:
             "r_gain_vs_seed": test["r/searched"]["overall"] - test["r/seed"]["overall"],
             "plain_change": test["plain/searched"]["overall"] - test["plain/none"]["overall"],
             "stages_s": result["stages"], "search_run_id": result.get("run.search"),
-            "pipeline_s": time.perf_counter() - start}
+            "pipeline_s": pipeline_s}
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--recipe", default="small")
-    ap.add_argument("--set", dest="overrides", action="append", default=[])
-    ap.add_argument("--repo", default=str(REPO), help="the DVC repo the data flow uses")
+    ap = common.parser("reasoner_bench", __doc__)
     ap.add_argument("--long-caption-prob", type=float, default=None,
                     help="also run a model trained with this share of long captions")
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "reasoner_bench.json"))
     args = ap.parse_args(argv)
     if args.long_caption_prob is not None and not 0 < args.long_caption_prob <= 1:
         ap.error(f"--long-caption-prob {args.long_caption_prob}: give a share in (0, 1]")
-    sys.path.insert(0, str(REPO))
-    from lens_model import atomic, defaults
-
-    defaults.apply()
-    from lens_model.recipe import load_recipe
-
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = common.load(args.recipe, args.overrides)
     main_side = _side(args.recipe, args.overrides, args.repo)
     out: dict[str, Any] = {
-        "benchmark": "reasoner_bench", "recipe": args.recipe, "recipe_hash": recipe.hash(),
-        "overrides": args.overrides, "cpus": os.cpu_count(), "model": main_side,
+        **common.header("reasoner_bench", args, recipe), "model": main_side,
         "targets": {"r_gain_vs_none": MIN_GAIN_NONE, "r_gain_vs_seed": MIN_GAIN_SEED,
                     "max_plain_drop": MAX_PLAIN_DROP},
         "within_target": bool(main_side["r_gain_vs_none"] >= MIN_GAIN_NONE
@@ -81,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         side = _side(args.recipe, long_set, args.repo)
         side["picked_long_rule"] = "long" in side["rules"]
         out["long_captions"] = {"long_caption_prob": args.long_caption_prob, **side}
-    atomic.write_text(args.out, json.dumps(out, indent=2, default=float) + "\n")
+    common.write_json(args.out, out)
     summary = {"r_gain_vs_none": main_side["r_gain_vs_none"],
                "r_gain_vs_seed": main_side["r_gain_vs_seed"],
                "plain_change": main_side["plain_change"], "rules": main_side["rules"],

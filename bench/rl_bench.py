@@ -1,6 +1,6 @@
 """RL's effect on shapes-GenEval: the pretrained model before, the RL model after, one run.
 
-    python bench/rl_bench.py [--recipe small] [--set section.key=value ...] \\
+    python -m bench.rl_bench [--recipe small] [--set section.key=value ...] \\
         [--out bench/results/rl_bench.json]
 
 It runs the recipe's pipeline (data -> vae -> pretrain -> rl -> evaluate -> ...): a pretrained
@@ -14,39 +14,23 @@ fidelity target: overall +0.10, no category down by more than 0.04, within 45 mi
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from bench import common
+
 TARGET_GAIN, MAX_DROP, MAX_RL_S = 0.10, 0.04, 45 * 60
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--recipe", default="small")
-    ap.add_argument("--set", dest="overrides", action="append", default=[])
-    ap.add_argument("--repo", default=str(REPO), help="the DVC repo the data flow uses")
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "rl_bench.json"))
-    args = ap.parse_args(argv)
-    sys.path.insert(0, str(REPO))
-    from lens_model import atomic, defaults
-
-    defaults.apply()
-    from flows.pipeline import run
+    args = common.parser("rl_bench", __doc__).parse_args(argv)
+    recipe = common.load(args.recipe, args.overrides)  # first: it sets the env these read
     from lens_model.eval.geneval import EvalProtocol, evaluate, pipeline_generator
     from lens_model.pipeline import load_pipeline
-    from lens_model.recipe import load_recipe
     from lens_model.rl.prompts import read_prompts
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    start = time.perf_counter()
-    result = run(args.recipe, args.overrides, args.repo)
-    pipeline_s = time.perf_counter() - start
+    result, pipeline_s = common.run_pipeline(args.recipe, args.overrides, args.repo)
     protocol = EvalProtocol.from_recipe(recipe.eval)
     no_cfg = replace(protocol, cfg=0.0)
     before_no_cfg, after_no_cfg = (
@@ -58,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     gain = after["overall"] - before["overall"]
     drops = {k: before[k] - after[k] for k in before if k != "overall"}
     rl_s = result["stages"]["rl"]
-    out = {"benchmark": "rl_bench", "recipe": args.recipe, "recipe_hash": recipe.hash(),
-           "overrides": args.overrides, "cpus": os.cpu_count(),
+    out = {**common.header("rl_bench", args, recipe),
            "eval_hash": {"pretrained": protocol.hash(), "no_cfg": no_cfg.hash()},
            "pretrained": before, "rl": after, "pretrained_no_cfg": before_no_cfg,
            "rl_no_cfg": after_no_cfg, "gain_overall": gain,
@@ -73,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                        "max_rl_s": MAX_RL_S},
            "within_target": bool(gain >= TARGET_GAIN and max(drops.values()) <= MAX_DROP
                                  and rl_s <= MAX_RL_S and not leaked)}
-    atomic.write_text(args.out, json.dumps(out, indent=2, default=float) + "\n")
+    common.write_json(args.out, out)
     print(json.dumps({k: out[k] for k in ("pretrained", "rl", "gain_overall", "gold_before",
                                           "gold_after", "rl_stage_s", "within_target")},
                      default=float))

@@ -1,6 +1,6 @@
 """Tiny-model training throughput: the DeepSpeed engine versus a plain PyTorch loop (CPU).
 
-    python bench/train_bench.py [--steps 10] [--warmup 3] [--rounds 4] [--threads 1] \\
+    python -m bench.train_bench [--steps 10] [--warmup 3] [--rounds 4] [--threads 1] \\
         [--out bench/results/train_bench.json]
 
 Both loops train the tiny-preset ``LensTransformer2DModel`` plus the tiny recipe's text
@@ -34,31 +34,23 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lens_model import (
-    atomic,  # noqa: E402
-    defaults,  # noqa: E402
-)
-
-defaults.apply()
-
-from lens_model.denoiser import LensDenoiser  # noqa: E402
-from lens_model.flow_matching import (  # noqa: E402
+from lens_model import atomic, defaults
+from lens_model.denoiser import LensDenoiser
+from lens_model.flow_matching import (
     add_noise,
     per_token,
     sample_timesteps,
     velocity_loss,
 )
-from lens_model.packing import pack_tokens  # noqa: E402
-from lens_model.text_encoder import TextConnector  # noqa: E402
-from lens_model.train.engine import TrainConfig, Trainer  # noqa: E402
-from lens_model.transformer import LensTransformer2DModel, pack_text  # noqa: E402
+from lens_model.packing import pack_tokens
+from lens_model.text_encoder import TextConnector
+from lens_model.train.engine import TrainConfig, Trainer
+from lens_model.transformer import LensTransformer2DModel, pack_text
 
 TEXT_LAYERS, TEXT_HIDDEN = 2, 384  # the tiny recipe's encoder: MiniLM layers [3, 6], 384 wide
 TEXT_MULTIPLE = 16  # packed text length rounds up to this, as pretraining does
@@ -267,6 +259,7 @@ def main() -> None:
     ap.add_argument("--text-tokens", type=int, default=140, help="mean text tokens per sample")
     ap.add_argument("--out", default="bench/results/train_bench.json")
     args = ap.parse_args()
+    defaults.apply()  # DeepSpeed reads DS_ACCELERATOR and TORCH_EXTENSIONS_DIR when it starts
     results = bench(args.steps, args.warmup, args.rounds, args.threads, args.samples,
                     args.grid, args.budget, args.text_tokens)
     text = json.dumps(results, indent=2)

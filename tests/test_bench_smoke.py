@@ -41,11 +41,15 @@ def _env() -> dict[str, str]:
             "HF_HUB_OFFLINE": "1"}
 
 
-def _run(script: str, out: Path, *args: str) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), *args, "--out",
-                           str(out)], cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=240)
-    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+def _bench(name: str) -> list[str]:
+    """The command that runs ``bench/NAME.py`` as a module (from the repository root)."""
+    return [sys.executable, "-m", f"bench.{name}"]
+
+
+def _run(name: str, out: Path, *args: str) -> dict[str, Any]:
+    proc = subprocess.run([*_bench(name), *args, "--out", str(out)], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return json.loads(out.read_text())
 
 
@@ -58,7 +62,7 @@ def _positive(*values: Any) -> None:
 # default run, this checks the bench's comparison (make test-all)
 @pytest.mark.slow
 def test_train_bench_compares_deepspeed_with_plain_pytorch(tmp_path: Path) -> None:
-    got = _run("train_bench.py", tmp_path / "train.json", "--steps", "2", "--warmup", "1",
+    got = _run("train_bench", tmp_path / "train.json", "--steps", "2", "--warmup", "1",
                "--rounds", "1", "--samples", "4", "--text-tokens", "24", "--threads", "1")
     assert got["machine"]["torch_threads"] == 1
     assert got["data"]["samples_per_step"] == 4 and got["data"]["image_tokens_per_sample"] == 64
@@ -79,7 +83,7 @@ def test_train_bench_compares_deepspeed_with_plain_pytorch(tmp_path: Path) -> No
 
 
 def test_gpu_train_smoke_writes_the_full_run_keys(tmp_path: Path) -> None:
-    got = _run("gpu_train.py", tmp_path / "train.json", "--smoke")
+    got = _run("gpu_train", tmp_path / "train.json", "--smoke")
     assert set(got) == GPU_TRAIN_KEYS
     assert got["smoke"] is True and got["preset"] == "tiny" and got["steps"] == 2
     assert got["blocks"] == got["blocks_full"] == 4 and got["image_tokens"] == 64
@@ -92,7 +96,7 @@ def test_gpu_train_smoke_writes_the_full_run_keys(tmp_path: Path) -> None:
 
 
 def test_gpu_train_refuses_a_block_count_the_preset_lacks(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_train.py"), "--smoke",
+    proc = subprocess.run([*_bench("gpu_train"), "--smoke",
                            "--blocks", "9", "--out", str(tmp_path / "x.json")], cwd=REPO,
                           env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "--blocks 9 is outside 1..4" in proc.stderr
@@ -100,7 +104,7 @@ def test_gpu_train_refuses_a_block_count_the_preset_lacks(tmp_path: Path) -> Non
 
 
 def test_gpu_infer_smoke_times_batch_one_and_two(tmp_path: Path) -> None:
-    got = _run("gpu_infer.py", tmp_path / "infer.json", "--smoke")
+    got = _run("gpu_infer", tmp_path / "infer.json", "--smoke")
     assert set(got) == GPU_INFER_KEYS
     assert got["smoke"] is True and got["compiled"] is None and got["dtype"] == "float32"
     assert set(got["eager"]) == {"batch_1", "batch_2"}
@@ -120,7 +124,7 @@ SHORT_PIPELINE = ["data.num_samples=64", "data.samples_per_shard=32", "vae.steps
 @pytest.mark.slow
 def test_pipeline_bench_splits_wall_time_into_compute_and_overhead(tmp_path: Path) -> None:
     args = sum((["--set", s] for s in SHORT_PIPELINE), [])
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "pipeline_bench.py"), *args,
+    proc = subprocess.run([*_bench("pipeline_bench"), *args,
                            "--out", str(tmp_path / "p.json")], cwd=REPO, env=_env(),
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -141,7 +145,7 @@ def test_pipeline_bench_splits_wall_time_into_compute_and_overhead(tmp_path: Pat
 def test_learning_bench_scores_every_snapshot_against_compute(tmp_path: Path,
                                                               dvc_repo: Path) -> None:
     args = sum((["--set", s] for s in SHORT_PIPELINE), [])
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "learning_bench.py"),
+    proc = subprocess.run([*_bench("learning_bench"),
                            "--recipe", "tiny", *args, "--repo", str(dvc_repo),
                            "--out", str(tmp_path / "l.json")], cwd=REPO, env=_env(),
                           capture_output=True, text=True, timeout=900)
@@ -151,7 +155,7 @@ def test_learning_bench_scores_every_snapshot_against_compute(tmp_path: Path,
     assert got["points"][1]["flops"] > 0 and got["points"][2]["flops"] > got["points"][1]["flops"]
     assert all("overall" in p["scores"] for p in got["points"])
     # --run-dir rescores the same run's snapshots without training: the same points
-    again = subprocess.run([sys.executable, str(REPO / "bench" / "learning_bench.py"),
+    again = subprocess.run([*_bench("learning_bench"),
                             "--recipe", "tiny", *args, "--run-dir", got["run_dir"],
                             "--out", str(tmp_path / "again.json")], cwd=REPO, env=_env(),
                            capture_output=True, text=True, timeout=600)
@@ -168,7 +172,7 @@ def test_reasoner_bench_reports_the_searched_prompt_on_the_test_split(tmp_path: 
     from tests.test_pipeline import SHORT
 
     args = sum((["--set", s] for s in SHORT), [])
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "reasoner_bench.py"),
+    proc = subprocess.run([*_bench("reasoner_bench"),
                            "--recipe", "tiny", *args, "--repo", str(dvc_repo),
                            "--long-caption-prob", "0.5", "--out", str(tmp_path / "r.json")],
                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=1500)

@@ -1,0 +1,1 @@
+"""Benchmark scripts, each run as a module from the repository root: ``python -m bench.NAME``."""
