@@ -40,7 +40,7 @@ def load(recipe: str, overrides: list[str]) -> Recipe:
 
 def run_pipeline(recipe: str, overrides: list[str], repo: str) -> tuple[dict[str, Any], float]:
     """Run the recipe's pipeline in-process: its result and its wall seconds (import excluded)."""
-    from flows.pipeline import run
+    from flows.training_pipeline import run
 
     start = time.perf_counter()
     result = run(recipe, overrides, repo)

@@ -95,7 +95,7 @@ def bench_mapped_validation(shards: int, rows_per_shard: int, work: Path) -> dic
 
     from flows.data import shared_api
     from lens_model.data import shards as shard_io
-    from tasks import data as t
+    from tasks import data_flow_tasks as t
 
     recipe = load_recipe("lens-3.8b")
     tree = recipe.model_dump(mode="json")

@@ -9,9 +9,9 @@ image tokens plus 256 text tokens per sample, at batch 1 (a guidance-free step, 
 Lens-Turbo runs) and batch 2 (cond + uncond, one CFG step). One segment per row and no
 padding, so no mask: SDPA's flash kernel is forced. Timed with CUDA events around each of
 ``--iters`` back-to-back forwards after ``--warmup`` untimed ones; the median is reported
-beside the paper's reference numbers (LENS_FACTS.md): the target of <= 40 ms at batch 1, and
-a Lens-shaped MMDiT built from diffusers' SD3 joint blocks, measured on one H100 at 71.7 ms
-(batch 1) and 132 ms (batch 2). ``--compile`` adds the same measurement with every block
+beside the reference numbers in ``REFERENCE``: the target at batch 1, a Lens-shaped MMDiT built
+from diffusers' SD3 joint blocks timed on one H100, and the Lens paper's seconds per image
+(arXiv 2605.21573). ``--compile`` adds the same measurement with every block
 under ``torch.compile`` (per block, so the model's input checks stay eager), compile time
 reported apart. ``--smoke`` runs the same code on CPU with the tiny preset in fp32 at 64x64
 (8 px a token, 16 text tokens), batch 1 and 2, and writes the same keys.
@@ -43,7 +43,9 @@ from lens_model.flops import forward_flops, param_count
 from lens_model.transformer import LensTransformer2DModel
 
 BATCHES = (1, 2)
-# LENS_FACTS.md "Inference" and "Measured here" (one H100, bf16, random weights, eager)
+# Not measured by this script. paper_*: the Lens paper's seconds for one 1024^2 image on one H100
+# (arXiv 2605.21573); target_ms_batch_1: the latency target; the other milliseconds come from
+# one H100 (bf16, random weights, eager).
 REFERENCE = {
     "target_ms_batch_1": 40.0,
     "diffusers_sd3_mmdit_ms": {"batch_1": 71.7, "batch_2": 132.0},
@@ -51,7 +53,8 @@ REFERENCE = {
     "flux2_vae_decode_ms": 91.6,
     "paper_20_step_cfg_s": 3.15,
     "paper_turbo_4_step_s": 0.84,
-    "source": "LENS_FACTS.md (paper; diffusers SD3 joint blocks, 48 x 1536, one H100)",
+    "source": "paper_*: Lens paper, arXiv 2605.21573; ms: one H100, diffusers SD3 joint blocks, "
+              "48 x 1536",
 }
 
 
@@ -127,8 +130,8 @@ def infer_bench(preset: str, resolution: int, token_px: int, text: int, warmup: 
         "within_target": b1 <= REFERENCE["target_ms_batch_1"] if on_gpu else None,
         "speedup_vs_diffusers_sd3_batch_1":
             round(REFERENCE["diffusers_sd3_mmdit_ms"]["batch_1"] / b1, 3) if on_gpu else None,
-        # backbone forwards measured here plus LENS_FACTS' FLUX.2 VAE decode (91.6 ms, not
-        # measured by this script); the text encoder is not counted
+        # backbone forwards measured here plus REFERENCE's FLUX.2 VAE decode (not measured by
+        # this script); the text encoder is not counted
         "estimate_20_step_cfg_s": round((20 * b2 + decode) / 1000, 3) if on_gpu else None,
         "estimate_turbo_4_step_s": round((4 * b1 + decode) / 1000, 3) if on_gpu else None,
     }

@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".lens" / "torch_extensions"))
     defaults.apply()
     _repo(work / "repo")
-    from flows.pipeline import run
+    from flows.training_pipeline import run
 
     mlflow_t, dvc_t = _instrument()
     runs = []

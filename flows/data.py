@@ -16,7 +16,7 @@ from prefect import flow, runtime, tags, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from lens_model.recipe import DataSection, Recipe, load_recipe
-from tasks import data as t
+from tasks import data_flow_tasks as t
 from tasks.dataset import ContractFailed, outputs_current
 
 

@@ -83,7 +83,7 @@ def _verdict(promotion: dict[str, Any]) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.pipeline import run
+    from flows.training_pipeline import run
     from tasks.report import number as _num
 
     result = run(args.recipe, args.overrides, args.repo)
@@ -132,7 +132,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from flows.reasoner import run
+    from flows.reasoner_search import run
     from tasks.report import number as _num
 
     result = run(args.recipe, args.model, args.overrides)

@@ -338,7 +338,7 @@ def compose(s: services.ServiceSettings) -> dict[str, Any]:
         return {"image": lens_image, "build": build,
                 "command": ["python", "-m", "lens.infra", "serve", name]
                 + (["--create-bucket"] if name == "mlflow" else []),
-                # loopback only: a TLS proxy in front is how others reach them (README)
+                # loopback only: a TLS proxy in front is how others reach them (docs/operations.md)
                 "environment": dict(env), "ports": [f"127.0.0.1:{_ref(published[name])}:{port}"],
                 "depends_on": {"postgres": {"condition": "service_healthy"},
                                "s3": {"condition": "service_started"}},

@@ -6,13 +6,13 @@
 | toy | 14 x 1536 | 24 (64) | 4096 | 32 | (8, 28, 28) | 1.16e9 |
 | lens-3.8b | 48 x 1536 | 24 (64) | 4096 | 32 | (8, 28, 28) | 4.05e9 |
 
-- ``lens-3.8b`` is the paper's backbone (LENS_FACTS.md "Backbone"): 4.054e9 parameters,
+- ``lens-3.8b`` is the Lens paper's backbone (arXiv 2605.21573): 4.054e9 parameters,
   2.699e9 without the adaLN modulations, and 4.054e9 / 2^30 = 3.78 ("3.8B" in binary units).
 - ``toy`` is Lens-Toy's 1.2B ablation backbone. The paper gives only its size, so it keeps
   lens-3.8b's block and takes the depth that lands nearest 1.2e9: 14 blocks (13 give 1.08e9,
   15 give 1.25e9).
-- ``tiny`` runs on a CPU in tests and the demo. It has the 4 x 128 shape that trained best
-  per minute in CALIBRATION.md, with 4 heads of dim 32 split over RoPE axes (8, 12, 12):
+- ``tiny`` runs on a CPU in tests and the demo. Its 4 x 128 shape is the one of those tried
+  that trained best per minute, with 4 heads of dim 32 split over RoPE axes (8, 12, 12):
   even dims, and the two spatial axes equal as in the paper. Its 8 latent channels suit the
   tiny recipe's 4x VAE (token_px 8 = 4x VAE x 2x2 patchify).
 """

@@ -6,12 +6,12 @@ Convention (t = 1 is pure noise, as in SD3/FLUX):
 
 Timesteps are logit-normal, t = sigmoid(N(mean, std)), then shifted toward noise by
 ``shift(t, mu)``: more tokens keep more signal at a given t, so bigger images need noisier
-timesteps. The paper's rule (LENS_FACTS "Training stages"): stage 2 takes mu linear in the
-image-token count, 1.0 at 256 tokens to 1.3 at 4096; stage 1 uses mu = 1.06 at 1024 tokens,
-which is that same line at 1024 tokens (1.0 + 0.3 * 768 / 3840 = 1.06), so ``shift_mu``
-serves both stages. Outside [256, 4096] the line is extrapolated, as FLUX-style length
-shifts are: inference goes up to 1440^2 (8100 tokens, mu 1.61) and the tiny recipe down to 64
-tokens (mu 0.985). Pass ``clamp=True`` to hold the endpoint values instead.
+timesteps. The Lens paper's rule for its training stages (arXiv 2605.21573): stage 2 takes mu
+linear in the image-token count, 1.0 at 256 tokens to 1.3 at 4096; stage 1 uses mu = 1.06 at
+1024 tokens, which is that same line at 1024 tokens (1.0 + 0.3 * 768 / 3840 = 1.06), so
+``shift_mu`` serves both stages. Outside [256, 4096] the line is extrapolated, as FLUX-style
+length shifts are: inference goes up to 1440^2 (8100 tokens, mu 1.61) and the tiny recipe down
+to 64 tokens (mu 0.985). Pass ``clamp=True`` to hold the endpoint values instead.
 """
 
 from __future__ import annotations

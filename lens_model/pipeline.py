@@ -16,8 +16,8 @@ which gives the same sigmas as ``flow_matching.euler_sigmas``. The integration i
 ``flow_matching.flow_sample`` (Euler or Heun), not ``scheduler.step``, so both samplers and CFG
 match the training code. CFG runs cond and uncond as one batch of 2B and rescales each latent
 cell to the conditional velocity's norm; ``guidance_scale <= 1`` skips it. (Rescaling whole 2x2
-transformer tokens instead measured 0.040 overall against 0.077 on the tiny model, and the same
-on the small one, so the finer rescale stays.)
+transformer tokens instead scored lower on the tiny and small models, so the finer rescale
+stays: docs/experiments.md, "CFG rescale: per latent cell".)
 
 A distilled (turbo) model carries its fixed noise levels in the config (``turbo_sigmas``, from
 ``lens.json["turbo"]``): it draws in exactly that many steps, without CFG by default.

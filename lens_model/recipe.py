@@ -291,7 +291,7 @@ class RLSection(Section):
 
 
 class SearchSection(Section):
-    """The training-free search over the reasoner's system prompt (flows/reasoner.py)."""
+    """The training-free search over the reasoner's system prompt (flows/reasoner_search.py)."""
 
     optimiser: Literal["edit", "openai"] = Field("edit", description="edit: add, drop, swap "
                                                  "and reword the rule library's sentences; "

@@ -1,4 +1,4 @@
-"""``LensTransformer2DModel``: the Lens dual-stream MMDiT (LENS_FACTS.md "Backbone").
+"""``LensTransformer2DModel``: the Lens paper's dual-stream MMDiT backbone (arXiv 2605.21573).
 
 Each block holds two streams, image and text. Each stream has its own
 - 6-way adaLN modulation: shift, scale and gate for attention and for the MLP, taken from

@@ -1,8 +1,8 @@
 """Building a dataset: prepare shards -> validate each against the contract -> merge once.
 
 These are plain functions over references (paths and small dicts), so the Prefect tasks in
-``tasks/data.py``, the DVC stages (``lens data prepare|validate``) and ``lens data ingest``
-all run the same code. Layout of one build::
+``tasks/data_flow_tasks.py``, the DVC stages (``lens data prepare|validate``) and
+``lens data ingest`` all run the same code. Layout of one build::
 
     RAW/shard-000000.tar                 samples as prepared (images, captions, json)
     RAW/candidates/shard-000000.parquet  one row per decodable-or-not item, with features

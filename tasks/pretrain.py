@@ -23,7 +23,7 @@ from lens_model import atomic, defaults
 from lens_model.recipe import Recipe
 from lens_model.train.launch import torchrun_cmd
 from tasks import tracking
-from tasks.launcher import run_streaming
+from tasks.event_stream import run_streaming
 
 PROGRAM = Path(importlib.util.find_spec("lens_model.train.pretrain").origin)  # no import
 

@@ -31,7 +31,8 @@ PYFUNC = Path(__file__).with_name("lens_pyfunc.py")
 CANDIDATE, CHAMPION = "candidate", "champion"
 MODEL_URI_SCHEMES = ("models:/", "runs:/")
 # What loading the pyfunc imports, pinned to what logged it. Given, not inferred: MLflow's
-# inference loads the model in a subprocess: 35 of the 38 s the tiny register stage took.
+# inference loads the model in a subprocess, most of the register stage's time (its cost on
+# the tiny recipe: docs/architecture.md, "register").
 RUNTIME = ("lens-platform", "mlflow", "torch", "diffusers", "transformers", "safetensors",
            "pandas", "numpy", "pillow")
 

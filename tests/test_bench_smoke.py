@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from flows.pipeline import STAGES
+from flows.training_pipeline import STAGES
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -93,7 +93,8 @@ def test_data_deployment_runs_on_a_process_worker(prefect_api, dvc_repo: Path, t
                 (REPO / "infra" / rel).read_text())
         assert client.read_global_concurrency_limit_by_name("dvc").limit == 1
         assert client.read_concurrency_limit_by_tag("h100").concurrency_limit == 2
-        flows = {"pipeline": "lens-pipeline", "data": "lens-data", "release": "lens-release"}
+        flows = {"training_pipeline": "lens-pipeline", "data": "lens-data",
+                 "release": "lens-release"}
         for d in specs:  # every deployment of prefect.yaml, as declared
             flow_name = flows[Path(d["entrypoint"].split(":")[0]).stem]
             got = client.read_deployment_by_name(f"{flow_name}/{d['name']}")

@@ -5,9 +5,9 @@ model config and real token counts, with its tokens, images and wall seconds; al
 together. The ledger keeps totals in device-independent units (device-seconds, peak-FLOP
 capacity, A100-equivalent seconds) so a run resumed on other hardware keeps its history.
 
-Normalisation follows the paper (LENS_FACTS "Compute accounting"): GPU-hours are scaled by
-peak dense bf16 rate to A100-equivalents, gpu_hours * peak(device) / peak(A100). The peak
-table uses 989 TFLOP/s for H100/H800, while the paper's Z-Image ratio,
+Normalisation follows the Lens paper's compute accounting (arXiv 2605.21573): GPU-hours are
+scaled by peak dense bf16 rate to A100-equivalents, gpu_hours * peak(device) / peak(A100). The
+peak table uses 989 TFLOP/s for H100/H800, while the paper's Z-Image ratio,
 (192 x 312) / (314 x 989.5) = 0.193, uses 989.5; both are kept as the paper has them, so
 ``zimage_fraction`` reproduces the paper's 0.193 exactly.
 """

@@ -20,7 +20,7 @@ from prefect import flow, tags
 
 from flows.data import data_flow, shared_api, task_runner
 from lens_model.recipe import load_recipe
-from tasks import data as data_tasks
+from tasks import data_flow_tasks as data_tasks
 from tasks import release
 from tasks.distill import distill
 from tasks.evaluate import evaluate_stage

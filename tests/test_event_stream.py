@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.launcher import EVENTS, EventTail, LaunchFailed, run_streaming
+from tasks.event_stream import EVENTS, EventTail, LaunchFailed, run_streaming
 
 PROGRAM = """
 import json, sys, time
