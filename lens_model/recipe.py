@@ -350,6 +350,10 @@ class DistillSection(Section):
     guidance: float = Field(5.0, ge=1, description="the CFG scale the CA term bakes in")
     ca_weight: float = Field(1.0, ge=0)
     dm_weight: float = Field(1.0, ge=0)
+    ca_t_range: tuple[float, float] = Field((0.02, 0.98), description="the CA term's "
+                                            "re-noising timesteps: uniform in this range")
+    ca_above_step: bool = Field(True, description="CA re-noises above the student step's own "
+                                "noise level (within ca_t_range), as Decoupled DMD motivates")
     ttur: int = Field(4, ge=1, description="fake-score and discriminator updates per "
                       "student update")
     ida_mu: float = Field(0.03, ge=0, le=1, description="fake <- (1 - mu) fake + mu student "
@@ -377,6 +381,10 @@ class DistillSection(Section):
 
     @model_validator(mode="after")
     def _check(self) -> DistillSection:
+        lo, hi = self.ca_t_range
+        if not 0 < lo < hi < 1:
+            raise ValueError(f"distill.ca_t_range {list(self.ca_t_range)}: give [low, high] "
+                             f"with 0 < low < high < 1")
         s = self.sigmas
         if s and (len(s) != self.student_steps or s[0] != 1.0
                   or any(b >= a for a, b in zip(s, s[1:], strict=False)) or s[-1] <= 0):

@@ -16,7 +16,7 @@ from lens_model.distill.losses import (
     generator_gan_loss,
     ida_update,
 )
-from lens_model.flow_matching import add_noise
+from lens_model.flow_matching import add_noise, cfg_velocity
 
 
 def _pointing_at(x0: Tensor):
@@ -27,16 +27,24 @@ def _pointing_at(x0: Tensor):
 
 
 def test_dmd_gradient_is_the_normalised_ca_plus_dm_direction() -> None:
+    """CA is x0_c minus the sampler's guided x0 (cfg_velocity, rescaled per latent cell), DM
+    is x0_fake - x0_c; each is divided by the teacher's mean error on the sample."""
     g = torch.Generator().manual_seed(0)
     shape = (3, 4, 6, 6)
     a, b, f = (torch.randn(shape, generator=g) for _ in range(3))  # teacher c/u, fake x0
     x = torch.randn(shape, generator=g).requires_grad_(True)
     t = torch.full((3,), 0.5)
     terms = dmd_loss(x, _pointing_at(a), _pointing_at(b), _pointing_at(f), guidance=5.0,
-                     t_ca=t, t_dm=t * 0.6, ca_weight=1.0, dm_weight=0.5)
+                     t_ca=t, t_dm=t * 0.6, ca_weight=1.0, dm_weight=0.5,
+                     generator=torch.Generator().manual_seed(1))
     terms.loss.backward()
+    x_t = add_noise(x.detach(), torch.randn(shape, generator=torch.Generator().manual_seed(1)), t)
+    tt = t.reshape(-1, 1, 1, 1)
+    guided = x_t - tt * cfg_velocity((x_t - a) / tt, (x_t - b) / tt, 5.0, token_dim=1)
+    plain = a + 4.0 * (a - b)  # the unrescaled combination overshoots the sampler's
+    assert (a - guided).norm() < (a - plain).norm()
     scale = (x.detach() - a).abs().mean(dim=(1, 2, 3), keepdim=True)
-    want = (4.0 * (b - a) + 0.5 * (f - a)) / scale / (3 * x[0].numel())
+    want = ((a - guided) + 0.5 * (f - a)) / scale / (3 * x[0].numel())
     torch.testing.assert_close(x.grad, want, rtol=1e-4, atol=1e-6)
     assert terms.ca_norm > 0 and terms.dm_norm > 0
 

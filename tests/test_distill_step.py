@@ -98,3 +98,16 @@ def test_backward_simulation_reaches_each_student_step(step: dict[str, Any]) -> 
     with pytest.raises(ValueError, match="disc_block 7: the teacher has"):
         DistillStep(DistillSection(disc_block=7), step["teacher"], torch.ones(4),
                     lambda: step["critic"])
+
+
+def test_ca_timesteps_stay_in_their_range_and_above_the_step_when_asked(
+        step: dict[str, Any]) -> None:
+    t_k = torch.tensor([1.0, 0.75, 0.5, 0.25]).repeat(500)
+    above = step["fn"].ca_timesteps(t_k)  # the default: above the step, in [0.02, 0.98]
+    assert (above >= t_k.clamp(max=0.98)).all() and (above <= 0.98).all()
+    cfg = DistillSection(ca_t_range=(0.2, 0.8), ca_above_step=False)
+    anywhere = DistillStep(cfg, step["teacher"], torch.ones(4), lambda: None).ca_timesteps(t_k)
+    assert anywhere.min() >= 0.2 and anywhere.max() <= 0.8
+    assert (anywhere < t_k.clamp(max=0.8) - 0.05).any()  # not tied to the step any more
+    with pytest.raises(ValueError, match=r"ca_t_range \[0.8, 0.2\]: give \[low, high\]"):
+        DistillSection(ca_t_range=(0.8, 0.2))

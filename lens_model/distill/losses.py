@@ -7,14 +7,18 @@ teacher under CFG at scale w, x0_real = x0_c + (w - 1)(x0_c - x0_u), and the dir
 (Decoupled DMD, arXiv 2511.22677) into
 
     DM = x0_fake - x0_c              distribution matching: the regulariser,
-    CA = (w - 1)(x0_u - x0_c)        CFG augmentation: what makes few steps look guided.
+    CA = x0_c - x0_real              CFG augmentation: what makes few steps look guided
+                                     ((w - 1)(x0_u - x0_c) without the rescale below).
 
 Decoupled DMD re-noises each term at its own timestep; here CA's is drawn above the student
 step's own noise level (the coarse structure that step decides) and DM's over the whole
 range, a choice that paper motivates and the Lens paper leaves open. Each term is divided by
 the teacher's mean absolute error on that sample, as DMD does, so that its size does not
-depend on how noisy the re-noised input was. Guidance here is the plain CFG combination: the
-per-token norm rescale the sampler applies (``cfg_velocity``) is an inference detail.
+depend on how noisy the re-noised input was. The guided teacher is the one the sampler draws
+with: ``cfg_velocity``, whose per-latent-cell rescale to the conditional norm makes
+CA = x0_c - x0_guided smaller than the plain (w - 1)(x0_u - x0_c) where guidance would
+overshoot. Baking in the plain combination instead teaches the student a stronger guidance
+than the teacher's own CFG samples show, and pushes it past them.
 
 The GAN branch (DMD2's, with the discriminator reading the frozen teacher, as Lens does) is a
 small head on one teacher block's image tokens; the logistic loss, and for the discriminator
@@ -31,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lens_model.flow_matching import add_noise
+from lens_model.flow_matching import add_noise, cfg_velocity
 
 Velocity = Callable[[Tensor, Tensor], Tensor]  # (x_t (B, C, h, w), t (B,)) -> v, text bound
 
@@ -70,9 +74,11 @@ def dmd_loss(x: Tensor, real_cond: Velocity, real_uncond: Velocity, fake: Veloci
         xd = x.detach().float()
         noise = torch.randn(xd.shape, generator=generator).to(xd)
         x_t = add_noise(xd, noise, t_ca)
-        x0_c = denoised(x_t, real_cond(x_t, t_ca).float(), t_ca)
-        x0_u = denoised(x_t, real_uncond(x_t, t_ca).float(), t_ca)
-        ca = _normalised((guidance - 1) * (x0_u - x0_c), xd, x0_c)
+        v_c = real_cond(x_t, t_ca).float()
+        v_g = v_c if guidance == 1 else cfg_velocity(v_c, real_uncond(x_t, t_ca).float(),
+                                                     guidance, token_dim=1)
+        x0_c = denoised(x_t, v_c, t_ca)
+        ca = _normalised(x0_c - denoised(x_t, v_g, t_ca), xd, x0_c)
         noise = torch.randn(xd.shape, generator=generator).to(xd)
         x_t = add_noise(xd, noise, t_dm)
         x0_c = denoised(x_t, real_cond(x_t, t_dm).float(), t_dm)

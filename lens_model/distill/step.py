@@ -6,8 +6,9 @@ trains a multi-step generator: a step k is drawn, the student runs its own Euler
 noise down to sigma_k without gradient ("backward simulation", so it learns from the inputs
 it will meet when sampling), then one step with gradient gives its clean guess x0, which the
 losses judge. Re-noising timesteps are uniform in [T_MIN, T_MAX], DMD2's range; the
-CFG-augmentation term's are drawn above sigma_k (see ``losses``). Sampling is deterministic
-Euler on the fixed schedule, the same integrator ``LensPipeline`` runs.
+CFG-augmentation term's in ``distill.ca_t_range``, above sigma_k with ``ca_above_step`` (see
+``losses``). Sampling is deterministic Euler on the fixed schedule, the same integrator
+``LensPipeline`` runs.
 """
 
 from __future__ import annotations
@@ -130,6 +131,13 @@ class DistillStep:
         return (batch.latents.to(device).float(), states.to(device), mask.to(device),
                 empty.to(device))
 
+    def ca_timesteps(self, t_k: Tensor) -> Tensor:
+        """The CA term's re-noising timesteps (B,): uniform in ``ca_t_range``, and above the
+        student step's ``t_k`` with ``ca_above_step`` (at most the range's top)."""
+        lo, hi = self.cfg.ca_t_range
+        low = t_k.clamp(lo, hi) if self.cfg.ca_above_step else torch.full_like(t_k, lo)
+        return _uniform(len(t_k), low, hi)
+
     def critic_update(self, student: nn.Module, batch: DistillBatch) -> dict[str, float]:
         """One fake-score and discriminator update on the student's current samples."""
         engine = self.critic()
@@ -177,7 +185,7 @@ class DistillStep:
             x0, lambda x, t: self.teacher.velocity(x, states, mask, t),
             lambda x, t: self.teacher.velocity(x, empty, no_text, t),
             lambda x, t: critic.fake.velocity(x, states, mask, t), cfg.guidance,
-            t_ca=_uniform(b, t_k.cpu(), T_MAX).clamp(max=T_MAX).to(device),
+            t_ca=self.ca_timesteps(t_k.cpu()).to(device),
             t_dm=_uniform(b, T_MIN, T_MAX).to(device),
             ca_weight=cfg.ca_weight, dm_weight=cfg.dm_weight)
         t_g = _uniform(b, T_MIN, T_MAX).to(device)
