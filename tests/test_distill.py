@@ -125,6 +125,7 @@ MECHANISM = ["distill.steps=25", "distill.batch=8", "distill.ttur=2", "distill.n
 MARGIN = 0.92
 
 
+@pytest.mark.timeout(1200)  # the brief teacher's setup counts against the first test using it
 def test_a_short_distillation_brings_4_steps_toward_the_teachers_cfg_samples(
         brief_teacher: BriefTeacher, tmp_path: Path) -> None:
     """The teacher's 20-step CFG samples are the reference (eval prompts, fixed seeds). The

@@ -180,7 +180,8 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
             **{f"connector.{k}": v for k, v in load_file(final / "connector.safetensors").items()}}
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
+# Two processes: slow (the engine's own two-process resume is in test_engine's default run).
+@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_the_program_resumed_at_half_matches_the_straight_run(parts, tmp_path, nproc) -> None:
     """A kill right after the step-2 checkpoint leaves exactly that checkpoint: the program
     started on it must end where the straight run ended (EMA weights, losses, ledger)."""

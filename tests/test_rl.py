@@ -329,11 +329,15 @@ def _pass_rate(policy, prompts, hidden, vae, recipe) -> float:
     return sum(v.passed["one"] for v in verdicts) / len(verdicts)
 
 
-@pytest.mark.parametrize(("flip", "steps"), [(False, 40), (True, 15)])
+# 60 steps, not 40: at 40 the gain crossed 0.3 or not depending on the thread count (a float
+# difference early in training changes what the policy samples). The brief teacher's setup
+# counts against the first test that uses it, hence the longer timeout.
+@pytest.mark.timeout(1200)
+@pytest.mark.parametrize(("flip", "steps"), [(False, 60), (True, 15)])
 def test_rl_on_one_rubric_moves_its_pass_rate(brief_model, tmp_path, flip, steps) -> None:
     """RL on "exactly one object" (the prompts ask for one) raises its pass rate by at least
-    0.3 on the prompts' held-out seeds (0.10 -> 0.39 in 30 Heun-sampled steps); with the
-    reward flipped it lowers it, at least by half (drawing nothing or clutter is easy)."""
+    0.3 on the prompts' held-out seeds; with the reward flipped it lowers it, at least by half
+    (drawing nothing or clutter is easy)."""
     from lens_model.train.rl import encode_prompts, load_parts, train_rl
 
     recipe = load_recipe("tiny", [*BRIEF, f"rl.steps={steps}", "rl.lr=0.002", "rl.sampler=euler",
