@@ -17,10 +17,8 @@ from lens_model.data.captions import prompt_set
 from lens_model.pipeline import load_pipeline
 from lens_model.recipe import load_recipe
 from lens_model.train.distill import balanced_subset
-from lens_model.train.pretrain import save_final
-from lens_model.vae import SemanticVAE
 from tests.conftest import BRIEF, BriefTeacher, run_trainer, straight_and_resumed
-from tests.test_rl import tiny_denoiser
+from tests.test_rl import random_final
 
 SHORT = ["data.num_samples=48", "data.samples_per_shard=48", "distill.steps=4",
          "distill.ckpt_every=2", "distill.keep_last=3", "distill.batch=2", "distill.ttur=2",
@@ -35,10 +33,7 @@ def inputs(tmp_path_factory) -> tuple[Path, Path]:
 
     root = tmp_path_factory.mktemp("distill")
     recipe = load_recipe("tiny", SHORT)
-    torch.manual_seed(0)
-    vae = SemanticVAE.tiny(latent_channels=8, downsample=4).eval()
-    vae.save_pretrained(root / "vae")
-    final = save_final(root / "rl", tiny_denoiser(), recipe, str(root / "vae"), 0)
+    final = random_final(root, recipe, "rl")
     dataset.prepare_all(recipe, root / "raw")
     dataset.validate_all(recipe, root / "raw", root / "data")
     return final, root

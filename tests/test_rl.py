@@ -19,7 +19,7 @@ from lens_model.data.world import SHAPES, Obj, Scene, render
 from lens_model.denoiser import LensDenoiser
 from lens_model.eval.verifier import read_scene
 from lens_model.flow_matching import velocity_loss
-from lens_model.recipe import EndpointSection, load_recipe
+from lens_model.recipe import EndpointSection, Recipe, load_recipe
 from lens_model.rl.judge import ShapesJudge, Verdict, answer
 from lens_model.rl.nft import NFTPolicy, adapters_off, merged, nft_loss, normalise_rewards
 from lens_model.rl.prompts import RLPrompt, build_prompts, write_prompts
@@ -192,15 +192,20 @@ def test_bad_rubrics_are_named() -> None:
 
 # --- the whole program: N steps straight == resumed from the checkpoint at N/2 ---------------
 
+def random_final(root: Path, recipe: Recipe, name: str) -> Path:
+    """A random tiny model (seed 0) and VAE saved as a training final/ under ``root/name``."""
+    torch.manual_seed(0)
+    vae = SemanticVAE.tiny(latent_channels=8, downsample=4).eval()
+    vae.save_pretrained(root / "vae")
+    return save_final(root / name, tiny_denoiser(), recipe, str(root / "vae"), 0)
+
+
 @pytest.fixture(scope="module")
 def rl_inputs(tmp_path_factory) -> tuple[Path, Path, list[str]]:
     """A random tiny model saved as a training final/, and a small RL prompt set."""
     root = tmp_path_factory.mktemp("rl")
     recipe = load_recipe("tiny", RL_SHORT)
-    torch.manual_seed(0)
-    vae = SemanticVAE.tiny(latent_channels=8, downsample=4).eval()
-    vae.save_pretrained(root / "vae")
-    final = save_final(root / "pretrain", tiny_denoiser(), recipe, str(root / "vae"), 0)
+    final = random_final(root, recipe, "pretrain")
     prompts = write_prompts(build_prompts(recipe), root / "prompts" / "prompts.parquet")
     return final, prompts, RL_SHORT
 
