@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export GX_ANALYTICS_ENABLED ?= false
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: install run test test-all bench lint
+.PHONY: install run test test-all bench lint ui
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -36,6 +36,9 @@ test-all: install
 
 bench: install
 	$(PY) -m bench.data_bench
+
+ui: install
+	$(VENV)/bin/lens ui
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -20,6 +20,7 @@
     lens services up|down|status           the team MLflow + Prefect servers (PostgreSQL, S3,
                                            MLflow auth); settings from the environment
     lens infra render|check|setup|serve|worker  infra files, work pools and limits (lens/infra.py)
+    lens ui [--port 5000]                  MLflow's UI on the local store, at the latest run
 
 Exit status: 0 done, 1 the data contract or a promotion gate failed, 2 bad input (the
 message says which and how to fix it). With ``--json`` the last line of stdout is one JSON object.
@@ -205,6 +206,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
                  f"legend {grid.with_suffix('.txt')})")
     _emit(result, args.json, "\n".join(lines))
     return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from lens import ui
+
+    return ui.serve(args.host, args.port)
 
 
 def cmd_services(args: argparse.Namespace) -> int:
@@ -522,6 +529,13 @@ def parser() -> argparse.ArgumentParser:
     comp.add_argument("--out", default="compare/grid.png", help="where the grid goes")
     comp.add_argument("--json", action="store_true")
     comp.set_defaults(func=cmd_compare)
+
+    ui_p = sub.add_parser("ui", help="MLflow's UI on the local store; prints the latest "
+                          "pipeline run's URL")
+    ui_p.add_argument("--host", default="127.0.0.1", help="interface to listen on (loopback: "
+                      "the local store has no authentication)")
+    ui_p.add_argument("--port", type=int, default=5000)
+    ui_p.set_defaults(func=cmd_ui)
 
     svc = sub.add_parser("services", help="the team MLflow + Prefect servers: up, down, status "
                          "(settings: lens/services.py ENV_VARS)")

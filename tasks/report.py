@@ -18,7 +18,7 @@ def number(value: float | None) -> str:
 
 def run_link(run_id: str) -> str:
     """A markdown link to the run in the MLflow UI (``LENS_MLFLOW_UI``, default
-    mlflow/local-ui.sh's address)."""
+    ``lens ui``'s address)."""
     ui = os.environ.get("LENS_MLFLOW_UI", "http://127.0.0.1:5000").rstrip("/")
     exp = mlflow.MlflowClient().get_run(run_id).info.experiment_id
     return f"[{run_id[:8]}]({ui}/#/experiments/{exp}/runs/{run_id})"
