@@ -10,13 +10,13 @@ teacher under CFG at scale w, x0_real = x0_c + (w - 1)(x0_c - x0_u), and the dir
     CA = x0_c - x0_real              CFG augmentation: what makes few steps look guided
                                      ((w - 1)(x0_u - x0_c) without the rescale below).
 
-Decoupled DMD re-noises each term at its own timestep; here CA's is drawn above the student
-step's own noise level (the coarse structure that step decides) and DM's over the whole
-range, a choice that paper motivates and the Lens paper leaves open. Each term is divided by
-the teacher's mean absolute error on that sample, as DMD does, so that its size does not
-depend on how noisy the re-noised input was. The guided teacher is the one the sampler draws
-with: ``cfg_velocity``, whose per-latent-cell rescale to the conditional norm makes
-CA = x0_c - x0_guided smaller than the plain (w - 1)(x0_u - x0_c) where guidance would
+Decoupled DMD re-noises each term at its own timestep: the caller draws CA's (by default above
+the student step's own noise level, the coarse structure that step decides; ``step.py``) and
+DM's over the whole range, a choice that paper motivates and the Lens paper leaves open. Each
+term is divided by the teacher's mean absolute error on that sample, as DMD does, so that its
+size does not depend on how noisy the re-noised input was. The guided teacher is the one the
+sampler draws with: ``cfg_velocity``, whose per-latent-cell rescale to the conditional norm
+makes CA = x0_c - x0_guided smaller than the plain (w - 1)(x0_u - x0_c) where guidance would
 overshoot. Baking in the plain combination instead teaches the student a stronger guidance
 than the teacher's own CFG samples show, and pushes it past them.
 
