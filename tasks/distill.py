@@ -12,7 +12,6 @@ teacher's run and folder.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from pathlib import Path
 from typing import Any
@@ -23,14 +22,13 @@ from prefect import task
 from lens_model import atomic, defaults
 from lens_model.recipe import Recipe
 from tasks import tracking
-from tasks.pretrain import command, tracked_job, under_gpu_tag
+from tasks.pretrain import command, from_model_job_name, tracked_job, under_gpu_tag
 
 PROGRAM = Path(importlib.util.find_spec("lens_model.train.distill").origin)  # no import
 
 
 def job_name(recipe: Recipe, dvc_hash: str, teacher_dir: str) -> str:
-    teacher = hashlib.sha256(teacher_dir.encode()).hexdigest()[:8]
-    return f"distill-{recipe.name}-{recipe.distill_hash()}-{dvc_hash[:8]}-{teacher}"
+    return from_model_job_name("distill", recipe, recipe.distill_hash(), dvc_hash, teacher_dir)
 
 
 def distill(tree: dict[str, Any], *args: Any, **kwargs: Any) -> Any:

@@ -7,6 +7,7 @@ starting over.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import sys
@@ -30,6 +31,14 @@ PROGRAM = Path(importlib.util.find_spec("lens_model.train.pretrain").origin)  # 
 
 def job_name(recipe: Recipe, dvc_hash: str) -> str:
     return f"pretrain-{recipe.name}-{recipe.train_hash()}-{dvc_hash[:8]}"
+
+
+def from_model_job_name(stage: str, recipe: Recipe, section_hash: str, data_hash: str,
+                        model_dir: str) -> str:
+    """A stage that starts from a trained model (rl, distill): deterministic in its recipe
+    section, its data and that model's folder, so a retry resumes the same job."""
+    model = hashlib.sha256(model_dir.encode()).hexdigest()[:8]
+    return f"{stage}-{recipe.name}-{section_hash}-{data_hash[:8]}-{model}"
 
 
 def command(recipe: Recipe, args: list[str], program: Path = PROGRAM) -> list[str]:

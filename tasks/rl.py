@@ -10,7 +10,6 @@ prompt set.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 from pathlib import Path
 from typing import Any
@@ -22,14 +21,13 @@ import mlflow
 from lens_model import atomic, defaults
 from lens_model.recipe import Recipe
 from tasks import tracking
-from tasks.pretrain import command, tracked_job, under_gpu_tag
+from tasks.pretrain import command, from_model_job_name, tracked_job, under_gpu_tag
 
 PROGRAM = Path(importlib.util.find_spec("lens_model.train.rl").origin)  # no import
 
 
 def job_name(recipe: Recipe, prompts_hash: str, model_dir: str) -> str:
-    model = hashlib.sha256(model_dir.encode()).hexdigest()[:8]
-    return f"rl-{recipe.name}-{recipe.rl_hash()}-{prompts_hash[:8]}-{model}"
+    return from_model_job_name("rl", recipe, recipe.rl_hash(), prompts_hash, model_dir)
 
 
 def rl(tree: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
