@@ -286,7 +286,7 @@ def admin_password() -> str:
     return password
 
 
-def _bin(tool: str) -> str:
+def tool_path(tool: str) -> str:
     """``tool`` from this interpreter's environment (the venv), else from PATH."""
     local = Path(sys.executable).parent / tool
     return str(local) if local.exists() else tool
@@ -384,14 +384,14 @@ def flask_secret_key(settings: ServiceSettings) -> str:
 
 
 def mlflow_upgrade_command(settings: ServiceSettings) -> list[str]:
-    return [_bin("mlflow"), "db", "upgrade", settings.mlflow_backend_store_uri]
+    return [tool_path("mlflow"), "db", "upgrade", settings.mlflow_backend_store_uri]
 
 
 def mlflow_command(settings: ServiceSettings) -> list[str]:
     """`mlflow server`: PostgreSQL stores, artifacts proxied to S3, basic auth, security
     middleware with explicit hosts and origins."""
     return [
-        _bin("mlflow"), "server",
+        tool_path("mlflow"), "server",
         "--backend-store-uri", settings.mlflow_backend_store_uri,
         "--serve-artifacts", "--artifacts-destination", settings.artifacts_destination,
         "--app-name", "basic-auth",
@@ -403,7 +403,7 @@ def mlflow_command(settings: ServiceSettings) -> list[str]:
 
 
 def prefect_command(settings: ServiceSettings) -> list[str]:
-    return [_bin("prefect"), "server", "start", "--host", settings.host,
+    return [tool_path("prefect"), "server", "start", "--host", settings.host,
             "--port", str(settings.prefect_port), "--analytics-off", "--ui"]
 
 
@@ -455,7 +455,7 @@ def service_url(settings: ServiceSettings, service: str) -> str:
     return {"mlflow": settings.mlflow_url, "prefect": settings.prefect_api_url}[service]
 
 
-def _healthy(url: str, timeout: float = 2.0) -> bool:
+def healthy(url: str, timeout: float = 2.0) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             return resp.status == 200
@@ -532,7 +532,7 @@ def _wait_healthy(settings: ServiceSettings, service: str, pid: int, timeout: fl
     url, log = health_url(settings, service), settings.log_file(service)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if _healthy(url):
+        if healthy(url):
             return
         if not _alive(pid):
             _forget(settings, service, pid)
@@ -675,7 +675,7 @@ def up(settings: ServiceSettings, services: tuple[str, ...] = SERVICES,
         for service in services:
             pid = read_pid(settings, service)
             if pid is not None:
-                if not _healthy(health_url(settings, service)):
+                if not healthy(health_url(settings, service)):
                     _wait_healthy(settings, service, pid, timeout)
                 if service == "mlflow":  # running, but would this caller's login work?
                     _check_admin_login(settings, admin_password())
@@ -714,7 +714,7 @@ def status(settings: ServiceSettings) -> dict[str, dict[str, object]]:
     for service in SERVICES:
         pid = read_pid(settings, service)
         out[service] = {"running": pid is not None, "pid": pid,
-                        "healthy": pid is not None and _healthy(health_url(settings, service)),
+                        "healthy": pid is not None and healthy(health_url(settings, service)),
                         "url": service_url(settings, service),
                         "log": str(settings.log_file(service))}
     return out

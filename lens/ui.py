@@ -9,12 +9,9 @@ already names a server, it only prints that URL.
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
+from lens.services import healthy, tool_path
 from lens_model import defaults
 
 
@@ -43,11 +40,9 @@ def _up(base: str, proc: subprocess.Popen, timeout: float) -> None:
         if proc.poll() is not None:
             raise RuntimeError(f"mlflow server exited ({proc.returncode}) while starting; is "
                                f"the port taken? Pick another with --port")
-        try:
-            with urllib.request.urlopen(f"{base}/health", timeout=2):
-                return
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.5)
+        if healthy(f"{base}/health"):
+            return
+        time.sleep(0.5)
     proc.terminate()
     raise RuntimeError(f"mlflow server did not answer at {base}/health within {timeout:.0f} s")
 
@@ -59,8 +54,7 @@ def serve(host: str, port: int, timeout: float = 120.0) -> int:
         print(f"MLflow UI: {run_url(uri, latest_pipeline_run(uri))}", flush=True)
         return 0
     found = latest_pipeline_run(uri)
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    cmd = [str(mlflow_bin) if mlflow_bin.exists() else "mlflow", "server",
+    cmd = [tool_path("mlflow"), "server",
            "--backend-store-uri", uri,
            "--default-artifact-root", str(defaults.mlflow_artifact_root()),
            "--host", host, "--port", str(port), "--workers", "1"]
