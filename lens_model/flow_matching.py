@@ -152,8 +152,11 @@ def cfg_velocity(cond: Tensor, uncond: Tensor, scale: float, token_dim: int = -1
 
     The paper's inference rescales each token's guided velocity by ||cond|| / ||combined||
     (norms over ``token_dim``, the feature dim of a token), which keeps high guidance from
-    overshooting the data range.
+    overshooting the data range. At scale 1 that is ``cond`` itself, returned exactly rather
+    than through rounding.
     """
+    if scale == 1:
+        return cond
     combined = uncond + scale * (cond - uncond)
     c_norm = torch.linalg.vector_norm(cond, dim=token_dim, keepdim=True)
     g_norm = torch.linalg.vector_norm(combined, dim=token_dim, keepdim=True)

@@ -75,8 +75,7 @@ def dmd_loss(x: Tensor, real_cond: Velocity, real_uncond: Velocity, fake: Veloci
         noise = torch.randn(xd.shape, generator=generator).to(xd)
         x_t = add_noise(xd, noise, t_ca)
         v_c = real_cond(x_t, t_ca).float()
-        v_g = v_c if guidance == 1 else cfg_velocity(v_c, real_uncond(x_t, t_ca).float(),
-                                                     guidance, token_dim=1)
+        v_g = cfg_velocity(v_c, real_uncond(x_t, t_ca).float(), guidance, token_dim=1)
         x0_c = denoised(x_t, v_c, t_ca)
         ca = _normalised(x0_c - denoised(x_t, v_g, t_ca), xd, x0_c)
         noise = torch.randn(xd.shape, generator=generator).to(xd)
