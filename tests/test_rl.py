@@ -315,11 +315,6 @@ class OneJudge:
         return out
 
 
-@pytest.fixture(scope="module")
-def brief_model(brief_teacher: BriefTeacher) -> str:
-    return brief_teacher.model
-
-
 def _pass_rate(policy, prompts, hidden, vae, recipe) -> float:
     """Share of held-out seeds' images (no CFG, 32x32) that pass the rubric."""
     from contextlib import nullcontext
@@ -339,7 +334,8 @@ def _pass_rate(policy, prompts, hidden, vae, recipe) -> float:
 # counts against the first test that uses it, hence the longer timeout.
 @pytest.mark.timeout(1200)
 @pytest.mark.parametrize(("flip", "steps"), [(False, 60), (True, 15)])
-def test_rl_on_one_rubric_moves_its_pass_rate(brief_model, tmp_path, flip, steps) -> None:
+def test_rl_on_one_rubric_moves_its_pass_rate(brief_teacher: BriefTeacher, tmp_path, flip,
+                                               steps) -> None:
     """RL on "exactly one object" (the prompts ask for one) raises its pass rate by at least
     0.3 on the prompts' held-out seeds; with the reward flipped it lowers it, at least by half
     (drawing nothing or clutter is easy)."""
@@ -351,6 +347,7 @@ def test_rl_on_one_rubric_moves_its_pass_rate(brief_model, tmp_path, flip, steps
     texts = [f"a photo of {a} {s}" for s in SHAPES for a in ("a", "a red", "a big", "a blue")]
     prompts = [RLPrompt(f"p{i}", "train", "objects", "single", f"objects/single/{i}", text,
                         ("count",), ONE, None) for i, text in enumerate(texts)]
+    brief_model = brief_teacher.model
     denoiser, encoder, vae, meta = load_parts(brief_model)
     hidden = encode_prompts(encoder, prompts)
     holder = torch.nn.Module()
