@@ -67,7 +67,7 @@ def synthetic_manifest(rows: int, seed: int = 0, clean: bool = False) -> pd.Data
 
 
 def bench_contract(rows: int) -> dict[str, Any]:
-    from tasks import contract as gx_contract
+    from tasks import gx_contract
 
     c = load_recipe("lens-3.8b").data.contract
     rules = rules_mod.rules(c)
@@ -98,7 +98,6 @@ def bench_mapped_validation(shards: int, rows_per_shard: int, work: Path) -> dic
     from tasks import data_flow_tasks as t
 
     recipe = load_recipe("lens-3.8b")
-    tree = recipe.model_dump(mode="json")
     prepared = []
     for i in range(shards):
         path = work / "candidates" / f"shard-{i:06d}.parquet"
@@ -113,7 +112,7 @@ def bench_mapped_validation(shards: int, rows_per_shard: int, work: Path) -> dic
     def mapped(out: str) -> float:
         t0 = time.perf_counter()
         futures = t.validate.with_options(refresh_cache=True).map(
-            unmapped(tree), prepared, unmapped(out))
+            unmapped(recipe), prepared, unmapped(out))
         futures.result()
         return time.perf_counter() - t0
 

@@ -93,14 +93,14 @@ def _instrument() -> tuple[CallTimer, CallTimer]:
     from mlflow.tracking._model_registry.client import ModelRegistryClient
     from mlflow.tracking._tracking_service.client import TrackingServiceClient
 
-    import tasks.pretrain
+    import tasks.pretrain_stage
     from tasks import dvc_ops
 
     mlflow_t, dvc_t = CallTimer(), CallTimer()
     mlflow_t.wrap_class(TrackingServiceClient)
     mlflow_t.wrap_class(ModelRegistryClient)
     dvc_ops.dvc = dvc_t.wrap(dvc_ops.dvc)
-    streaming = tasks.pretrain.run_streaming
+    streaming = tasks.pretrain_stage.run_streaming
 
     def trainer_running(*args: Any, **kwargs: Any) -> Any:
         mlflow_t.paused = True
@@ -108,7 +108,7 @@ def _instrument() -> tuple[CallTimer, CallTimer]:
             return streaming(*args, **kwargs)
         finally:
             mlflow_t.paused = False
-    tasks.pretrain.run_streaming = trainer_running
+    tasks.pretrain_stage.run_streaming = trainer_running
     return mlflow_t, dvc_t
 
 

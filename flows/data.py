@@ -36,22 +36,21 @@ def task_runner(d: DataSection) -> Any:
 def data_flow(recipe: str = "tiny", overrides: list[str] | None = None,
               repo: str | None = None, parent_run_id: str = "") -> dict[str, Any]:
     rec: Recipe = load_recipe(recipe, overrides)
-    tree = rec.model_dump(mode="json")
     started = time.perf_counter()
-    ws = t.workspace(tree, repo)
-    chunks = t.plan(tree, ws["raw"], ws["out"])
+    ws = t.workspace(rec, repo)
+    chunks = t.plan(rec, ws["raw"], ws["out"])
     # A cache hit must not stand in for outputs someone deleted or another recipe or older
     # code overwrote: then recompute.
     prepared_ok, validated_ok, merged_ok = outputs_current(rec, Path(ws["raw"]), Path(ws["out"]),
                                                            len(chunks))
     prepared = t.prepare.with_options(refresh_cache=not prepared_ok).map(
-        unmapped(tree), chunks, range(len(chunks)), unmapped(ws["raw"]))
+        unmapped(rec), chunks, range(len(chunks)), unmapped(ws["raw"]))
     validated = t.validate.with_options(refresh_cache=not validated_ok).map(
-        unmapped(tree), prepared, unmapped(ws["out"]))
+        unmapped(rec), prepared, unmapped(ws["out"]))
     prepared_refs, validated_refs = prepared.result(), validated.result()
     timings = {"prepare_validate": time.perf_counter() - started}
     merged = t.merge.with_options(refresh_cache=not merged_ok)(
-        tree, prepared_refs, validated_refs, ws["out"])
+        rec, prepared_refs, validated_refs, ws["out"])
     timings["merge"] = time.perf_counter() - started - timings["prepare_validate"]
     cached = sum(f.state.name == "Cached" for f in [*prepared, *validated])
     if not merged["passed"]:
@@ -61,7 +60,7 @@ def data_flow(recipe: str = "tiny", overrides: list[str] | None = None,
     versioned = t.version(ws["root"])
     timings["version"] = time.perf_counter() - mark
     print("stage seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
-    run_id = t.track(tree, merged, versioned, timings, ws["out"], ws["root"], parent_run_id)
+    run_id = t.track(rec, merged, versioned, timings, ws["out"], ws["root"], parent_run_id)
     return {"recipe": rec.name, "recipe_hash": rec.hash(), "dvc_hash": versioned["dvc_hash"],
             "dvc_remote": versioned["remote"], "valid": merged["valid"],
             "quarantined": merged["quarantined"], "inputs": merged["inputs"],

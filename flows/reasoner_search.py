@@ -19,21 +19,20 @@ from flows.data import shared_api
 from lens_model.reasoner.attached import MODEL
 from lens_model.recipe import load_recipe
 from tasks.prompt_search import search_task
-from tasks.reasoner import reasoner_stage
+from tasks.reasoner_stage import reasoner_stage
 from tasks.registry import local_model
 
 
 @flow(name="lens-reasoner-search", version="1", log_prints=True)
 def search_flow(recipe: str, model: str, overrides: list[str] | None = None) -> dict[str, Any]:
     rec = load_recipe(recipe, overrides)
-    tree = rec.model_dump(mode="json")
     folder = local_model(model)
     own = Path(folder) / MODEL
     if rec.reasoner.backend != "openai" and (own / "config.json").is_file():
         reasoner = {"dir": str(own), "heldout": {}}  # the version's reasoner, as released
     else:
-        reasoner = reasoner_stage(tree)
-    return search_task(tree, folder, reasoner) | {"model": model, "reasoner_dir": reasoner["dir"]}
+        reasoner = reasoner_stage(rec)
+    return search_task(rec, folder, reasoner) | {"model": model, "reasoner_dir": reasoner["dir"]}
 
 
 def run(recipe: str, model: str, overrides: list[str] | None = None) -> dict[str, Any]:

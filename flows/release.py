@@ -13,7 +13,7 @@ from prefect import flow, get_run_logger
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 
-from tasks.release import promote_task, rollback_task
+from tasks.release_tasks import promote_task, rollback_task
 
 
 class Approval(RunInput):

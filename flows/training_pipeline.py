@@ -21,17 +21,17 @@ from prefect import flow, tags
 from flows.data import data_flow, shared_api, task_runner
 from lens_model.recipe import load_recipe
 from tasks import data_flow_tasks as data_tasks
-from tasks import release
-from tasks.distill import distill
+from tasks import release_tasks
+from tasks.distill_stage import distill
 from tasks.evaluate import evaluate_stage
-from tasks.pretrain import pretrain
+from tasks.pretrain_stage import pretrain
 from tasks.prompt_search import search_task
-from tasks.reasoner import reasoner_dir, reasoner_stage
+from tasks.reasoner_stage import reasoner_dir, reasoner_stage
 from tasks.registry import register, turbo_entry
 from tasks.report import failure_report, pipeline_report
-from tasks.rl import rl
 from tasks.rl_prompts import outputs_current, rl_prompts_task
-from tasks.vae import vae_dir, vae_stage
+from tasks.rl_stage import rl
+from tasks.vae_stage import vae_dir, vae_stage
 
 STAGES = ("data", "vae", "pretrain", "rl", "reasoner", "search", "distill", "evaluate",
           "register", "promote")
@@ -41,7 +41,6 @@ STAGES = ("data", "vae", "pretrain", "rl", "reasoner", "search", "distill", "eva
 def pipeline_flow(recipe: str = "tiny", overrides: list[str] | None = None,
                   repo: str | None = None) -> dict[str, Any]:
     rec = load_recipe(recipe, overrides)
-    tree = rec.model_dump(mode="json")
     stages: dict[str, float] = {}  # wall seconds per stage
     compute: dict[str, float] = {}  # of which the stage's own work (0 when its cache hit)
     clock = [time.perf_counter()]
@@ -56,7 +55,7 @@ def pipeline_flow(recipe: str = "tiny", overrides: list[str] | None = None,
                             for state, result in zip(states, results, strict=True))
         return results[0] if results else None
 
-    parent = data_tasks.open_parent(tree, repo or ".")
+    parent = data_tasks.open_parent(rec, repo or ".")
     try:
         data = data_flow.with_options(task_runner=task_runner(rec.data))(
             recipe, overrides or [], repo, parent)
@@ -66,28 +65,28 @@ def pipeline_flow(recipe: str = "tiny", overrides: list[str] | None = None,
         # a cache hit must not stand in for a trained VAE folder that was deleted
         stale = rec.vae.source == "train" and not vae_dir(rec, data["dvc_hash"]).is_dir()
         vae_run = lap("vae", vae_stage.with_options(refresh_cache=stale)(
-            tree, dataset, data["dvc_hash"], parent, return_state=True))
+            rec, dataset, data["dvc_hash"], parent, return_state=True))
         vae = vae_run["dir"]
-        trained = lap("pretrain", pretrain(tree, dataset, vae, data["dvc_hash"], parent,
+        trained = lap("pretrain", pretrain(rec, dataset, vae, data["dvc_hash"], parent,
                                            return_state=True))
         # a cache hit must not stand in for a prompt set deleted or overwritten since
         prompts_state = rl_prompts_task.with_options(
-            refresh_cache=not outputs_current(tree, repo or "."))(tree, repo or ".", parent,
+            refresh_cache=not outputs_current(rec, repo or "."))(rec, repo or ".", parent,
                                                                   return_state=True)
         prompts = prompts_state.result()
-        tuned = lap("rl", rl(tree, trained["model_dir"], prompts, data["dvc_hash"],
+        tuned = lap("rl", rl(rec, trained["model_dir"], prompts, data["dvc_hash"],
                              trained["run_id"], parent, return_state=True))
         if prompts_state.name != "Cached":
             compute["rl"] += float(prompts.get("compute_s", 0))
         # as for the VAE: a cache hit must not stand in for a deleted reasoner folder
         gone = rec.reasoner.backend == "train" and not reasoner_dir(rec).is_dir()
         rewriter = lap("reasoner", reasoner_stage.with_options(refresh_cache=gone)(
-            tree, parent, return_state=True))
+            rec, parent, return_state=True))
         searched = lap("search", search_task(
-            tree, tuned["model_dir"], rewriter, data["dvc_hash"], parent, return_state=True))
-        turbo = lap("distill", distill(tree, tuned["model_dir"], dataset, data["dvc_hash"],
+            rec, tuned["model_dir"], rewriter, data["dvc_hash"], parent, return_state=True))
+        turbo = lap("distill", distill(rec, tuned["model_dir"], dataset, data["dvc_hash"],
                                        tuned["run_id"], parent, return_state=True))
-        scored = lap("evaluate", evaluate_stage(tree, tuned["model_dir"], data["dvc_hash"],
+        scored = lap("evaluate", evaluate_stage(rec, tuned["model_dir"], data["dvc_hash"],
                                                 parent, trained["model_dir"], turbo["model_dir"],
                                                 return_state=True))
         runs = {"data": data["mlflow_run_id"], "vae": vae_run.get("run_id", ""),
@@ -97,21 +96,21 @@ def pipeline_flow(recipe: str = "tiny", overrides: list[str] | None = None,
                 "evaluate": scored["run_id"]}
         runs = {stage: run_id for stage, run_id in runs.items() if run_id}  # a pretrained VAE
         registered = register(
-            tree, tuned["model_dir"], data["dvc_hash"], scored, runs, parent,
+            rec, tuned["model_dir"], data["dvc_hash"], scored, runs, parent,
             {"lens.rl_prompts_dvc_hash": prompts["dvc_hash"],
              "lens.pretrain_model_dir": trained["model_dir"]},
             reasoner={"dir": rewriter["dir"], **searched}, return_state=True)
-        turbo_tree, turbo_scores, turbo_tags = turbo_entry(tree, scored, registered.result())
+        turbo_recipe, turbo_scores, turbo_tags = turbo_entry(rec, scored, registered.result())
         registered_turbo = register(
-            turbo_tree, turbo["model_dir"], data["dvc_hash"], turbo_scores, runs, parent,
+            turbo_recipe, turbo["model_dir"], data["dvc_hash"], turbo_scores, runs, parent,
             turbo_tags | {"lens.teacher_model_dir": tuned["model_dir"]}, return_state=True)
         version = lap("register", registered, registered_turbo)
         turbo_version = registered_turbo.result()
         runs = runs | {"register": version["run_id"]}  # the task keeps the dict it was given
         reason = f"pipeline run of recipe {rec.name}"
-        promotion = release.promote_task(version["name"], version["version"], reason=reason)
-        turbo_promotion = release.promote_task(turbo_version["name"], turbo_version["version"],
-                                               reason=reason)
+        promotion = release_tasks.promote_task(version["name"], version["version"], reason=reason)
+        turbo_promotion = release_tasks.promote_task(turbo_version["name"],
+                                                     turbo_version["version"], reason=reason)
         lap("promote")
         compute["promote"] = 0.0
     except BaseException as error:
@@ -133,7 +132,9 @@ def pipeline_flow(recipe: str = "tiny", overrides: list[str] | None = None,
                "turbo_dir": turbo["model_dir"], "turbo_model": turbo_version["name"],
                "turbo_version": turbo_version["version"],
                **{f"run.{stage}": run_id for stage, run_id in runs.items()}}
-    data_tasks.close_parent(parent, summary)
+    data_tasks.close_parent(parent, summary, metrics={
+        **{f"stage_seconds/{k}": v for k, v in stages.items()},
+        **{f"stage_compute_s/{k}": v for k, v in compute.items()}}, scores_run=scored["run_id"])
     result = {**data, **summary, "parent_run_id": parent, "pretrain_job": trained["job"],
               "run_dir": trained["run_dir"], "scores": scored["scores"],
               "baseline_scores": scored["baseline_scores"], "eval_grid": scored["grid"],

@@ -97,7 +97,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = {k: result[k] for k in keys} | {
         "recipe": result["recipe"], "recipe_hash": result["recipe_hash"],
         "aliases": promotion["aliases"], "promoted": promotion["promoted"],
-        "stages": result["stages"], "compute": result["compute"]}
+        "stages": result["stages"], "compute": result["compute"],
+        "runs": {k[4:]: v for k, v in result.items() if k.startswith("run.")}}  # stage: run id
     verdict = _verdict(promotion)
     human = _where(result) + "\n" + "\n".join([
         f"vae       {result['vae_dir']}",
@@ -275,18 +276,20 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from tasks import dataset, dvc_ops
+    from lens_model.recipe import load_recipe
+    from tasks import dataset
 
-    prepared = dataset.prepare_all(dvc_ops.read_params(args.params), Path(args.raw))
+    prepared = dataset.prepare_all(load_recipe(args.params), Path(args.raw))
     print(f"prepared {len(prepared)} shard(s), {sum(p['inputs'] for p in prepared)} inputs "
           f"in {args.raw}")
     return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from tasks import dataset, dvc_ops
+    from lens_model.recipe import load_recipe
+    from tasks import dataset
 
-    merged = dataset.validate_all(dvc_ops.read_params(args.params), Path(args.raw), Path(args.out))
+    merged = dataset.validate_all(load_recipe(args.params), Path(args.raw), Path(args.out))
     print(Path(merged["summary"]).read_text())
     return 0 if merged["passed"] else 1
 
@@ -303,11 +306,9 @@ def cmd_recipe(args: argparse.Namespace) -> int:
 def cmd_rl_prompts(args: argparse.Namespace) -> int:
     from lens_model.recipe import load_recipe
     from lens_model.rl.llm import LLMError
-    from tasks import dvc_ops
     from tasks.rl_prompts import build_and_check
 
-    recipe = (load_recipe(args.recipe, args.overrides) if args.recipe
-              else dvc_ops.read_params(args.params))
+    recipe = load_recipe(args.recipe, args.overrides) if args.recipe else load_recipe(args.params)
     try:
         built = build_and_check(recipe, Path(args.out))
     except LLMError as exc:
@@ -344,7 +345,6 @@ def cmd_model_info(args: argparse.Namespace) -> int:
 
 
 def cmd_train_render(args: argparse.Namespace) -> int:
-    import yaml
 
     from lens_model import atomic
     from lens_model.recipe import load_recipe
@@ -358,8 +358,7 @@ def cmd_train_render(args: argparse.Namespace) -> int:
         out = Path(args.out)  # atomic writes create it
         suffix = "yaml" if args.target == "k8s" else "sbatch"
         atomic.write_text(out / f"{name}.{suffix}", text)
-        atomic.write_text(out / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"),
-                                                              sort_keys=False))
+        atomic.write_text(out / "recipe.yaml", recipe.to_yaml())
         print(f"wrote {out / f'{name}.{suffix}'} and {out / 'recipe.yaml'}; copy the recipe "
               f"to {run}/recipe.yaml on the shared volume before submitting")
     else:

@@ -488,6 +488,10 @@ class Recipe(Section):
         return _digest({"seed": self.seed, "data": data,
                         "buckets": self.buckets.model_dump(mode="json")})
 
+    def to_yaml(self) -> str:
+        """The resolved recipe as YAML: what a trainer process and DVC's params.yaml read."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
     def flat(self) -> dict[str, Any]:
         """``section.key -> value`` for logging as params."""
         out: dict[str, Any] = {}

@@ -24,45 +24,46 @@ CACHED = {"version": VERSION, "persist_result": True,
 
 
 @task(name="workspace", version=VERSION)
-def workspace(tree: dict[str, Any], repo: str | None) -> dict[str, str]:
+def workspace(recipe: Recipe, repo: str | None) -> dict[str, str]:
     """Find the DVC repo, write params.yaml from the recipe, return where data goes."""
     root = dvc_ops.repo_root(repo)
-    dvc_ops.write_params(root, Recipe.model_validate(tree))
+    dvc_ops.write_params(root, recipe)
     return {"root": str(root), "raw": str(root / dvc_ops.RAW), "out": str(root / dvc_ops.DATASET)}
 
 
 @task(name="plan", version=VERSION)
-def plan(tree: dict[str, Any], raw: str, out: str) -> list[dict[str, Any]]:
+def plan(recipe: Recipe, raw: str, out: str) -> list[dict[str, Any]]:
     """Chunk references, one per shard; files of shards no longer planned are removed."""
-    chunks = dataset.plan(Recipe.model_validate(tree))
+    chunks = dataset.plan(recipe)
     dataset.prune(Path(raw), Path(out), len(chunks))
     return chunks
 
 
 @task(name="prepare-shard", task_run_name="prepare-{index}", **CACHED)
-def prepare(tree: dict[str, Any], chunk: dict[str, Any], index: int, raw: str) -> dict[str, Any]:
-    return dataset.prepare_chunk(Recipe.model_validate(tree), chunk, index, Path(raw))
+def prepare(recipe: Recipe, chunk: dict[str, Any], index: int, raw: str) -> dict[str, Any]:
+    return dataset.prepare_chunk(recipe, chunk, index, Path(raw))
 
 
 @task(name="validate-shard", task_run_name="validate-{prepared[index]}", **CACHED)
-def validate(tree: dict[str, Any], prepared: dict[str, Any], out: str) -> dict[str, Any]:
-    return dataset.validate_shard(Recipe.model_validate(tree), prepared, Path(out))
+def validate(recipe: Recipe, prepared: dict[str, Any], out: str) -> dict[str, Any]:
+    return dataset.validate_shard(recipe, prepared, Path(out))
 
 
 @task(name="merge", **CACHED)
-def merge(tree: dict[str, Any], prepared: list[dict[str, Any]], validated: list[dict[str, Any]],
+def merge(recipe: Recipe, prepared: list[dict[str, Any]], validated: list[dict[str, Any]],
           out: str) -> dict[str, Any]:
-    return dataset.merge(Recipe.model_validate(tree), prepared, validated, Path(out))
+    return dataset.merge(recipe, prepared, validated, Path(out))
 
 
 @task(name="open-parent-run", version=VERSION)
-def open_parent(tree: dict[str, Any], root: str = ".") -> str:
-    return tracking.open_parent(Recipe.model_validate(tree), cwd=root)
+def open_parent(recipe: Recipe, root: str = ".") -> str:
+    return tracking.open_parent(recipe, cwd=root)
 
 
 @task(name="close-parent-run", version=VERSION)
-def close_parent(run_id: str, summary: dict[str, Any], status: str = "FINISHED") -> None:
-    tracking.close_parent(run_id, summary, status)
+def close_parent(run_id: str, summary: dict[str, Any], status: str = "FINISHED",
+                 metrics: dict[str, float] | None = None, scores_run: str = "") -> None:
+    tracking.close_parent(run_id, summary, status, metrics, scores_run)
 
 
 @task(name="version", version=VERSION)
@@ -72,10 +73,9 @@ def version(root: str) -> dict[str, Any]:
 
 
 @task(name="track", version=VERSION)
-def track(tree: dict[str, Any], merged: dict[str, Any], versioned: dict[str, Any],
+def track(recipe: Recipe, merged: dict[str, Any], versioned: dict[str, Any],
           seconds: dict[str, float], out: str, root: str, parent_run_id: str = "") -> str:
     """Log the MLflow data run and publish the contract summary as a Prefect artifact."""
-    recipe = Recipe.model_validate(tree)
     run_id = tracking.log_data_run(recipe, merged, versioned, seconds, out, cwd=root,
                                    parent_run_id=parent_run_id)
     create_markdown_artifact(key=f"data-contract-{recipe.name}",

@@ -36,7 +36,7 @@ from lens_model.data import ingest, shapes, shards, tokens
 from lens_model.data.items import RawItem
 from lens_model.data.prepare import prepare_shard
 from lens_model.recipe import Recipe
-from tasks import contract as gx_contract
+from tasks import gx_contract
 
 
 class ContractFailed(RuntimeError):
@@ -46,7 +46,7 @@ class ContractFailed(RuntimeError):
 # The code a dataset's bytes depend on (dvc.yaml's deps name the same files). The recipe
 # schema is not among them: the resolved values it yields are (Recipe.data_hash, params).
 BUILD_CODE = ("lens_model/data", "lens_model/buckets.py", "lens_model/atomic.py",
-              "tasks/dataset.py", "tasks/contract.py")
+              "tasks/dataset.py", "tasks/gx_contract.py")
 
 
 @functools.cache

@@ -104,14 +104,11 @@ def ensure_remote(root: Path) -> str:
 def write_params(root: Path, recipe: Recipe) -> Path:
     """Write the resolved recipe to params.yaml, which dvc.yaml's stages read."""
     path = root / "params.yaml"
-    text = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    text = recipe.to_yaml()
     if not path.exists() or path.read_text() != text:
         atomic.write_text(path, text)
     return path
 
-
-def read_params(path: str | Path) -> Recipe:
-    return Recipe.model_validate(yaml.safe_load(Path(path).read_text()))
 
 
 def lock_hashes(root: Path) -> dict[str, str]:

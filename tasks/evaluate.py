@@ -55,20 +55,19 @@ def turbo_protocol(protocol: EvalProtocol, steps: int) -> EvalProtocol:
 def _eval_inputs(params: dict[str, Any]) -> dict[str, Any]:
     """What decides the scores: the protocol, the baseline's seed, the trained model and the
     pretrained and distilled models scored beside it."""
-    return {"eval": params["tree"]["eval"], "seed": params["tree"]["seed"],
+    return {"eval": params["recipe"].eval, "seed": params["recipe"].seed,
             **trained_model(params["model_dir"]),
             **{key: trained_model(params[key]) if params.get(key) else None
                for key in ("pretrained_dir", "turbo_dir")}}
 
 
 @task(name="evaluate", persist_result=True, cache_policy=keyed_by(_eval_inputs, EVAL_CODE))
-def evaluate_stage(tree: dict[str, Any], model_dir: str, dvc_hash: str,
+def evaluate_stage(recipe: Recipe, model_dir: str, dvc_hash: str,
                    parent_run_id: str = "", pretrained_dir: str = "",
                    turbo_dir: str = "") -> dict[str, Any]:
     """Score ``model_dir`` (a training final/ folder), the untrained baseline and, beside
     them, ``pretrained_dir`` (the model RL started from), all under the recipe's protocol;
     and ``turbo_dir`` (``model_dir`` distilled) beside ``model_dir`` under the turbo one."""
-    recipe = Recipe.model_validate(tree)
     logger = get_run_logger()
     protocol = EvalProtocol.from_recipe(recipe.eval)
     start = time.perf_counter()

@@ -35,14 +35,14 @@ from lens_model.reasoner.search import (
 from lens_model.recipe import Recipe
 from tasks import tracking
 from tasks.cache import keyed_by, trained_model
-from tasks.reasoner import REASONER_CODE, load_reasoner
+from tasks.reasoner_stage import REASONER_CODE, load_reasoner
 
 SEARCH_CODE = (*REASONER_CODE, "tasks/prompt_search.py", "lens_model/eval")
 
 
 def _search_inputs(params: dict[str, Any]) -> dict[str, Any]:
-    tree = params["tree"]
-    return {"reasoner": tree["reasoner"], "eval": tree["eval"], "seed": tree["seed"],
+    recipe: Recipe = params["recipe"]
+    return {"reasoner": recipe.reasoner, "eval": recipe.eval, "seed": recipe.seed,
             **trained_model(params["model_dir"]), "reasoner_dir": params["reasoner"]["dir"],
             "heldout": params["reasoner"]["heldout"]}
 
@@ -54,12 +54,11 @@ def _optimiser(recipe: Recipe) -> Optimiser:
 
 @task(name="reasoner-search", persist_result=True,
       cache_policy=keyed_by(_search_inputs, SEARCH_CODE))
-def search_task(tree: dict[str, Any], model_dir: str, reasoner: dict[str, Any],
+def search_task(recipe: Recipe, model_dir: str, reasoner: dict[str, Any],
                 dvc_hash: str = "", parent_run_id: str = "") -> dict[str, Any]:
     """Search the system prompt for the model at ``model_dir`` with the reasoner stage's
     result ``reasoner``; returns the winner (``system_prompt``, ``hash``, its file), the
     test-split scores, the curve and the run."""
-    recipe = Recipe.model_validate(tree)
     section, s = recipe.reasoner, recipe.reasoner.search
     logger = get_run_logger()
     start = time.perf_counter()

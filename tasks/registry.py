@@ -128,35 +128,36 @@ out = model.predict(pd.DataFrame({{"prompt": ["a photo of a red circle"]}}),
 """
 
 
-def turbo_entry(tree: dict[str, Any], evaluation: dict[str, Any], teacher: dict[str, Any]
-                ) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
+def turbo_entry(recipe: Recipe, evaluation: dict[str, Any], teacher: dict[str, Any]
+                ) -> tuple[Recipe, dict[str, Any], dict[str, str]]:
     """What :func:`register` takes for the distilled model beside its ``teacher`` (the
     teacher's registered version): the recipe as ``<model_name>-turbo`` with the turbo eval
     protocol (so the pyfunc's params default to the student's steps and no CFG), its scores
     beside the teacher's, and lineage tags naming the teacher (the promotion gate reads its
     overall score)."""
     turbo = evaluation["turbo"]
-    tracking_ = {**tree["tracking"], "model_name": f"{tree['tracking']['model_name']}-turbo"}
-    turbo_tree = {**tree, "tracking": tracking_,
-                  "eval": {**tree["eval"], "steps": turbo["steps"], "cfg": 1.0}}
+    turbo_recipe = recipe.model_copy(update={
+        "tracking": recipe.tracking.model_copy(
+            update={"model_name": f"{recipe.tracking.model_name}-turbo"}),
+        "eval": recipe.eval.model_copy(update={"steps": turbo["steps"], "cfg": 1.0})})
     name = f"{teacher['name']}/{teacher['version']}"
     scores = {"scores": turbo["scores"], "seconds_per_image": turbo["seconds_per_image"],
               "eval_hash": turbo["eval_hash"], "teacher": name,
-              "compare": {f"teacher ({tree['eval']['steps']} steps, CFG "
-                          f"{tree['eval']['cfg']})": evaluation["scores"],
+              "compare": {f"teacher ({recipe.eval.steps} steps, CFG "
+                          f"{recipe.eval.cfg})": evaluation["scores"],
                           f"teacher ({turbo['steps']} steps, no CFG)":
                           turbo["undistilled_scores"]}}
     tags = {"lens.teacher": name, "lens.teacher_overall": f"{evaluation['scores']['overall']:.4f}",
             "lens.teacher_eval_hash": evaluation["eval_hash"],
             "lens.speedup": f"{turbo['speedup']:.2f}"}
-    return turbo_tree, scores, tags
+    return turbo_recipe, scores, tags
 
 
 def _register_inputs(params: dict[str, Any]) -> dict[str, Any]:
     """One version per trained model and evaluation: a rerun with nothing changed finds it."""
     reasoner = params.get("reasoner") or {}
     return {**trained_model(params["model_dir"]), "eval": params["evaluation"]["eval_hash"],
-            "name": params["tree"]["tracking"]["model_name"], "gates": params["tree"]["gates"],
+            "name": params["recipe"].tracking.model_name, "gates": params["recipe"].gates,
             "reasoner": [reasoner.get("dir"), reasoner.get("hash")],
             "extra_tags": params.get("extra_tags")}  # a turbo model's teacher version
 
@@ -164,7 +165,7 @@ def _register_inputs(params: dict[str, Any]) -> dict[str, Any]:
 @task(name="register", persist_result=True,
       cache_policy=keyed_by(_register_inputs, ("tasks/registry.py", "tasks/lens_pyfunc.py",
                                                 "lens_model/reasoner/attached.py")))
-def register(tree: dict[str, Any], model_dir: str, dvc_hash: str, evaluation: dict[str, Any],
+def register(recipe: Recipe, model_dir: str, dvc_hash: str, evaluation: dict[str, Any],
              stage_runs: dict[str, str], parent_run_id: str = "",
              extra_tags: dict[str, str] | None = None,
              reasoner: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -172,7 +173,6 @@ def register(tree: dict[str, Any], model_dir: str, dvc_hash: str, evaluation: di
     ``extra_tags`` join its lineage tags (the RL prompt set's DVC hash, say). ``reasoner``
     (the search's result and the reasoner's ``dir``) is saved with the pipeline, its system
     prompt as an artifact and its hash as the ``system_prompt_hash`` tag."""
-    recipe = Recipe.model_validate(tree)
     logger = get_run_logger()
     name = recipe.tracking.model_name
     exp = tracking.experiment(recipe.tracking.experiment)

@@ -24,6 +24,14 @@ def run_link(run_id: str) -> str:
     return f"[{run_id[:8]}]({ui}/#/experiments/{exp}/runs/{run_id})"
 
 
+def publish(recipe: str, parent_run_id: str, markdown: str, description: str) -> str:
+    """The report as the Prefect artifact and as the parent MLflow run's description, so a
+    reviewer who opens either UI reads the same summary."""
+    mlflow.MlflowClient().set_tag(parent_run_id, "mlflow.note.content", markdown)
+    return str(create_markdown_artifact(key=f"lens-pipeline-{recipe}", markdown=markdown,
+                                        description=description))
+
+
 @task(name="pipeline-report")
 def pipeline_report(recipe: str, result: dict[str, Any], runs: dict[str, str]) -> str:
     """Stage times and MLflow runs, scores beside the untrained model's, the version."""
@@ -81,8 +89,7 @@ prompt `{reasoner['hash']}` ({len(reasoner['curve']) - 1} rounds). Its test spli
 |---|---|---|---|
 {r_rows}
 """
-    return str(create_markdown_artifact(key=f"lens-pipeline-{recipe}", markdown=markdown,
-                                        description=f"pipeline run of recipe {recipe}"))
+    return publish(recipe, result["parent_run_id"], markdown, f"pipeline run of recipe {recipe}")
 
 
 @task(name="pipeline-failure-report")
@@ -101,5 +108,4 @@ Parent MLflow run {run_link(parent_run_id)} (status FAILED).
 {rows}
 | {failed} | | **failed**: {error[:300]} |
 """
-    return str(create_markdown_artifact(key=f"lens-pipeline-{recipe}", markdown=markdown,
-                                        description=f"failed pipeline run of recipe {recipe}"))
+    return publish(recipe, parent_run_id, markdown, f"failed pipeline run of recipe {recipe}")

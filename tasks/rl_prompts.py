@@ -33,8 +33,7 @@ from lens_model.rl.prompts import (
 )
 from lens_model.rl.rubrics import MAX_RUBRICS
 from lens_model.secrets import redact_mapping
-from tasks import contract as gx_contract
-from tasks import dvc_ops, tracking
+from tasks import dvc_ops, gx_contract, tracking
 from tasks.cache import keyed_by
 from tasks.dataset import ContractFailed, code_fingerprint
 
@@ -44,7 +43,7 @@ PROMPTS, CONTRACT = "prompts.parquet", "contract.json"
 RL_PROMPTS_CODE = ("lens_model/rl/taxonomy.py", "lens_model/rl/prompts.py",
                    "lens_model/rl/rubrics.py", "lens_model/rl/llm.py",
                    "lens_model/data/world.py", "lens_model/data/captions.py",
-                   "lens_model/atomic.py", "tasks/rl_prompts.py", "tasks/contract.py")
+                   "lens_model/atomic.py", "tasks/rl_prompts.py", "tasks/gx_contract.py")
 RL_KEYS = ("taxonomy", "prompt_backend", "endpoint", "num_prompts", "gold_frac",
            "min_dimensions", "max_dimensions")
 _VALIDATIONS: dict[tuple[int, int], Any] = {}  # dimension bounds -> GX validation definition
@@ -61,28 +60,28 @@ def _taxonomy_digest(name: str) -> str:
         return f"error: {exc}"
 
 
-def what_decides(tree: dict[str, Any]) -> dict[str, Any]:
+def what_decides(recipe: Recipe) -> dict[str, Any]:
     """What decides the set's content: seed, the rl prompt keys, the taxonomy file's bytes
     and the evaluation prompts it must avoid (not the recipe's training settings)."""
-    rl = tree["rl"]
-    return {"seed": tree["seed"], "rl": {k: rl[k] for k in RL_KEYS},
-            "taxonomy_sha": _taxonomy_digest(rl["taxonomy"]),
-            "eval": {k: tree["eval"][k] for k in ("prompts_per_category", "prompt_seed")}}
+    return {"seed": recipe.seed, "rl": recipe.rl.model_dump(mode="json", include=set(RL_KEYS)),
+            "taxonomy_sha": _taxonomy_digest(recipe.rl.taxonomy),
+            "eval": recipe.eval.model_dump(mode="json",
+                                           include={"prompts_per_category", "prompt_seed"})}
 
 
-def stamp(tree: dict[str, Any]) -> str:
+def stamp(recipe: Recipe) -> str:
     """What outputs on disk must have been built from: these inputs and this code."""
-    blob = json.dumps([what_decides(tree), code_fingerprint(RL_PROMPTS_CODE)], sort_keys=True)
+    blob = json.dumps([what_decides(recipe), code_fingerprint(RL_PROMPTS_CODE)], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def _task_inputs(params: dict[str, Any]) -> dict[str, Any]:
     """The cache key's inputs: the recipe name (it names the MLflow run) and the repo too."""
-    return what_decides(params["tree"]) | {"name": params["tree"]["name"],
-                                           "repo": str(Path(params["repo"]).resolve())}
+    return what_decides(params["recipe"]) | {"name": params["recipe"].name,
+                                             "repo": str(Path(params["repo"]).resolve())}
 
 
-def outputs_current(tree: dict[str, Any], repo: str | Path) -> bool:
+def outputs_current(recipe: Recipe, repo: str | Path) -> bool:
     """Whether the repo holds the set these inputs and this code build (for a flow's
     ``refresh_cache``: a cache hit must not stand in for a deleted or overwritten set)."""
     out = Path(repo) / OUT
@@ -90,7 +89,7 @@ def outputs_current(tree: dict[str, Any], repo: str | Path) -> bool:
         report = json.loads((out / CONTRACT).read_text())
     except (OSError, ValueError):
         return False
-    return (out / PROMPTS).is_file() and report.get("stamp") == stamp(tree)
+    return (out / PROMPTS).is_file() and report.get("stamp") == stamp(recipe)
 
 
 # ---------------------------------------------------------------- contract
@@ -103,7 +102,7 @@ def _frame(prompts: list[RLPrompt]) -> pd.DataFrame:
 
 
 def _validation(lo: int, hi: int) -> Any:
-    """One GX validation definition per dimension bounds, on tasks/contract.py's context."""
+    """One GX validation definition per dimension bounds, on tasks/gx_contract.py's context."""
     import great_expectations as gx
     import great_expectations.expectations as gxe
 
@@ -160,8 +159,7 @@ def build_and_check(recipe: Recipe, out: str | Path) -> dict[str, Any]:
     evaluation = {p.text for p in EvalProtocol.from_recipe(recipe.eval).prompts()}
     prompts = build_prompts(recipe, exclude=evaluation)
     result = check_contract(prompts, recipe.rl.min_dimensions, recipe.rl.max_dimensions)
-    tree = recipe.model_dump(mode="json")
-    report = {"recipe": recipe.name, "stamp": stamp(tree), "counts": counts(prompts), **result}
+    report = {"recipe": recipe.name, "stamp": stamp(recipe), "counts": counts(prompts), **result}
     write_prompts(prompts, out / PROMPTS)
     atomic.write_json(out / CONTRACT, report)
     if not result["passed"]:
@@ -233,10 +231,9 @@ def log_run(recipe: Recipe, built: dict[str, Any], versioned: dict[str, str], ro
 
 @task(name="rl-prompts", version="1", persist_result=True,
       cache_policy=keyed_by(_task_inputs, RL_PROMPTS_CODE))
-def rl_prompts_task(tree: dict[str, Any], repo: str, parent_run_id: str = "") -> dict[str, Any]:
+def rl_prompts_task(recipe: Recipe, repo: str, parent_run_id: str = "") -> dict[str, Any]:
     """Build, check, version and track the recipe's RL prompt set; returns path (the Parquet
     file), dvc_hash, run_id, counts and compute_s."""
-    recipe = Recipe.model_validate(tree)
     root = dvc_ops.repo_root(repo)
     dvc_ops.write_params(root, recipe)  # the stage's params, as `dvc commit` reads them
     built = build_and_check(recipe, root / OUT)

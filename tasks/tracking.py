@@ -9,9 +9,12 @@ and URI passwords become ``***``).
 from __future__ import annotations
 
 import subprocess
+import time
 import warnings
 from pathlib import Path
 from typing import Any
+
+from mlflow.entities import Metric, Param
 
 import mlflow
 from lens_model import defaults
@@ -55,17 +58,32 @@ def lineage(recipe: Recipe, dvc_hash: str, parent_run_id: str = "", cwd: str | P
 
 
 def open_parent(recipe: Recipe, cwd: str | Path = ".") -> str:
-    """The pipeline's parent run (its stage runs nest under it); left open until closed."""
+    """The pipeline's parent run (its stage runs nest under it); left open until closed. It
+    holds the whole recipe as params, so MLflow's compare view shows what two runs changed."""
     exp = experiment(recipe.tracking.experiment)
-    run = mlflow.MlflowClient().create_run(exp, run_name=f"pipeline-{recipe.name}", tags=lineage(
+    client = mlflow.MlflowClient()
+    run = client.create_run(exp, run_name=f"pipeline-{recipe.name}", tags=lineage(
         recipe, "", cwd=cwd) | {"lens.stage": "pipeline"})
+    params = [Param(k, str(v)[:500]) for k, v in redact_mapping(recipe.flat()).items()]
+    for start in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
+        client.log_batch(run.info.run_id, params=params[start:start + 100])
     return run.info.run_id
 
 
-def close_parent(run_id: str, summary: dict[str, Any], status: str = "FINISHED") -> None:
+def close_parent(run_id: str, summary: dict[str, Any], status: str = "FINISHED",
+                 metrics: dict[str, float] | None = None, scores_run: str = "") -> None:
+    """Tag the summary, log ``metrics`` and the scores of the evaluation run ``scores_run``
+    under their own names (the same in every pipeline run, so MLflow's compare view lines two
+    pipeline runs up), and end the run."""
     client = mlflow.MlflowClient()
     for key, value in redact_mapping({f"lens.{k}": v for k, v in summary.items()}).items():
         client.set_tag(run_id, key, value)
+    if scores_run:
+        metrics = client.get_run(scores_run).data.metrics | (metrics or {})
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()]
+    for start in range(0, len(batch), 1000):  # MLflow takes at most 1000 metrics a batch
+        client.log_batch(run_id, metrics=batch[start:start + 1000])
     client.set_terminated(run_id, status)
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import logging
 import os
 import shutil
@@ -51,7 +54,11 @@ def run(cmd: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
 @pytest.fixture
 def dvc_repo(tmp_path: Path) -> Path:
     """A fresh git + DVC repo holding the project's dvc.yaml and params.yaml."""
-    root = tmp_path / "repo"
+    return make_dvc_repo(tmp_path / "repo")
+
+
+def make_dvc_repo(root: Path) -> Path:
+    """:func:`dvc_repo`'s repo, at ``root``."""
     root.mkdir()
     for name in ("dvc.yaml", "params.yaml"):
         shutil.copy(REPO / name, root / name)
@@ -151,18 +158,63 @@ def brief_teacher(prefect_server, tmp_path_factory) -> BriefTeacher:
 
     from lens_model.recipe import load_recipe
     from tasks import dataset
-    from tasks.pretrain import pretrain
-    from tasks.vae import vae_stage
+    from tasks.pretrain_stage import pretrain
+    from tasks.vae_stage import vae_stage
 
     root = tmp_path_factory.mktemp("brief")
     recipe = load_recipe("tiny", BRIEF)
     dataset.prepare_all(recipe, root / "raw")
     dataset.validate_all(recipe, root / "raw", root / "data")
-    tree = recipe.model_dump(mode="json")
 
     @flow
     def brief() -> str:
-        vae = vae_stage(tree, str(root / "data"), "brief")
-        return pretrain(tree, str(root / "data"), vae["dir"], "brief")["model_dir"]
+        vae = vae_stage(recipe, str(root / "data"), "brief")
+        return pretrain(recipe, str(root / "data"), vae["dir"], "brief")["model_dir"]
 
     return BriefTeacher(brief(), root / "data")
+
+
+# The tiny recipe at its shortest that still runs, tracks and registers every stage.
+SHORT = ["data.num_samples=64", "data.samples_per_shard=32", "vae.steps=4",
+         "pretrain.steps=6", "pretrain.log_every=2", "pretrain.sample_every=3",
+         "pretrain.ckpt_every=3", "rl.num_prompts=24", "rl.steps=2", "rl.groups=2",
+         "rl.group_size=2", "rl.sample_steps=2", "rl.gold_prompts=2", "rl.gold_every=1",
+         "rl.lora_rank=4", "rl.lora_alpha=8", "reasoner.steps=4", "reasoner.train_batch=2",
+         "reasoner.log_every=2", "reasoner.heldout_examples=9", "reasoner.max_new_tokens=24",
+         "reasoner.search.dev_per_category=1", "reasoner.search.candidates_per_round=2",
+         "reasoner.search.patience=1", "reasoner.search.max_rounds=1",
+         "reasoner.search.test_per_category=1", "distill.steps=2", "distill.batch=2",
+         "distill.ttur=1", "distill.num_samples=8", "distill.log_every=1",
+         "eval.prompts_per_category=2",
+         "gates.min_overall=0",
+         "gates.max_latency_s=60", "tracking.model_name=lens-pipeline-test"]
+
+
+@dataclass(frozen=True)
+class PipelineRuns:
+    args: list[str]  # the `lens run` command line, SHORT in a fresh DVC repo
+    first: dict  # its --json result
+    again: dict  # the same command once more: every stage reused
+
+
+def lens_json(args: list[str]) -> dict:
+    """Run the ``lens`` CLI in this process; its --json result (the last line it prints)."""
+    from lens import cli
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = cli.main(args)
+    assert code == 0, f"lens {' '.join(args)} exited {code}"
+    return json.loads(printed.getvalue().strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(prefect_server, tmp_path_factory) -> PipelineRuns:
+    """The shortened tiny pipeline run twice, once per session: the pipeline test checks what
+    it trained and tracked, the browser test what MLflow's UI shows of it."""
+    repo = make_dvc_repo(tmp_path_factory.mktemp("pipeline") / "repo")
+    args = ["run", "tiny", "--repo", str(repo), "--json", *sum((["--set", s] for s in SHORT), [])]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # it trains briefly
+        first = lens_json(args)
+        return PipelineRuns(args, first, lens_json(args))

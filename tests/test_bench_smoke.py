@@ -169,7 +169,7 @@ def test_learning_bench_scores_every_snapshot_against_compute(tmp_path: Path,
 @pytest.mark.slow
 def test_reasoner_bench_reports_the_searched_prompt_on_the_test_split(tmp_path: Path,
                                                                       dvc_repo: Path) -> None:
-    from tests.test_pipeline import SHORT
+    from tests.conftest import SHORT
 
     args = sum((["--set", s] for s in SHORT), [])
     proc = subprocess.run([*_bench("reasoner_bench"),

@@ -7,7 +7,7 @@ import pytest
 
 from lens_model.data.contract import merge_verdict, row_reasons, rules
 from lens_model.recipe import load_recipe
-from tasks import contract as gx_contract
+from tasks import gx_contract
 
 C = load_recipe("tiny").data.contract
 

@@ -20,9 +20,9 @@ import pytest
 import yaml
 
 from lens import infra, services
-from lens_model.recipe import load_recipe
+from lens_model.recipe import Recipe, load_recipe
 from tasks import dvc_ops
-from tasks import pretrain as pretrain_mod
+from tasks import pretrain_stage as pretrain_mod
 from tests.conftest import BIN, REPO, free_port
 from tests.services_fixtures import drop_databases
 
@@ -192,20 +192,20 @@ def test_pretraining_is_tagged_with_its_gpu_type(prefect_server, monkeypatch) ->
     assert pretrain_mod.launch_env(load_recipe("tiny")) == {"DS_ACCELERATOR": "cpu"}
 
     @task(name="pretrain")
-    def body(tree: dict, *args: object) -> list[str]:
+    def body(recipe: Recipe, *args: object) -> list[str]:
         """Stands in for the trainer: the wrapper and Prefect's engine are what is tested."""
         return sorted(TaskRunContext.get().task_run.tags)
 
     monkeypatch.setattr(pretrain_mod, "pretrain_task", body)
 
     @flow
-    def calls(tree: dict) -> tuple[list[str], str]:
-        state = pretrain_mod.pretrain(tree, "data", "vae", "hash", return_state=True)
+    def calls(recipe: Recipe) -> tuple[list[str], str]:
+        state = pretrain_mod.pretrain(recipe, "data", "vae", "hash", return_state=True)
         return state.result(), state.name
 
-    tags, state = calls(h100.model_dump(mode="json"))
+    tags, state = calls(h100)
     assert tags == ["h100"] and state == "Completed"
-    assert calls(load_recipe("tiny").model_dump(mode="json"))[0] == []
+    assert calls(load_recipe("tiny"))[0] == []
 
 
 def test_dvc_limit_is_created_and_serialises_across_repos(prefect_server, tmp_path) -> None:

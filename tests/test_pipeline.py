@@ -18,20 +18,8 @@ import yaml
 
 import mlflow
 from lens import cli
+from tests.conftest import SHORT, PipelineRuns
 
-SHORT = ["data.num_samples=64", "data.samples_per_shard=32", "vae.steps=4",
-         "pretrain.steps=6", "pretrain.log_every=2", "pretrain.sample_every=3",
-         "pretrain.ckpt_every=3", "rl.num_prompts=24", "rl.steps=2", "rl.groups=2",
-         "rl.group_size=2", "rl.sample_steps=2", "rl.gold_prompts=2", "rl.gold_every=1",
-         "rl.lora_rank=4", "rl.lora_alpha=8", "reasoner.steps=4", "reasoner.train_batch=2",
-         "reasoner.log_every=2", "reasoner.heldout_examples=9", "reasoner.max_new_tokens=24",
-         "reasoner.search.dev_per_category=1", "reasoner.search.candidates_per_round=2",
-         "reasoner.search.patience=1", "reasoner.search.max_rounds=1",
-         "reasoner.search.test_per_category=1", "distill.steps=2", "distill.batch=2",
-         "distill.ttur=1", "distill.num_samples=8", "distill.log_every=1",
-         "eval.prompts_per_category=2",
-         "gates.min_overall=0",
-         "gates.max_latency_s=60", "tracking.model_name=lens-pipeline-test"]
 LOAD = """
 import io, sys
 import mlflow, pandas as pd
@@ -44,13 +32,9 @@ print(bool(out["rewrite"][0]))
 """
 
 
-def test_tiny_pipeline_trains_and_tracks(prefect_server, dvc_repo: Path, capsys,
-                                        tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # the test trains briefly
-    args = ["run", "tiny", "--repo", str(dvc_repo), "--json",
-            *sum((["--set", s] for s in SHORT), [])]
-    assert cli.main(args) == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+def test_tiny_pipeline_trains_and_tracks(tiny_pipeline: PipelineRuns, capsys,
+                                        tmp_path: Path) -> None:
+    out = tiny_pipeline.first
     model = Path(out["model_dir"])
     assert (model / "transformer" / "diffusion_pytorch_model.safetensors").exists()
     config = json.loads((model / "transformer" / "config.json").read_text())
@@ -63,6 +47,10 @@ def test_tiny_pipeline_trains_and_tracks(prefect_server, dvc_repo: Path, capsys,
     client = mlflow.MlflowClient()
     parent = client.get_run(out["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["lens.model_dir"] == str(model)
+    # what a reviewer reads first: the report as its description, scores and recipe beside it
+    assert parent.data.tags["mlflow.note.content"].startswith("# Lens pipeline: `tiny`")
+    assert parent.data.metrics["eval/overall"] == out["scores"]["overall"]
+    assert parent.data.params["pretrain.steps"] == "6" and "stage_seconds/rl" in parent.data.metrics
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert {r.data.tags["lens.stage"] for r in children} == {
@@ -154,8 +142,8 @@ def test_tiny_pipeline_trains_and_tracks(prefect_server, dvc_repo: Path, capsys,
     with get_client(sync_client=True) as prefect:
         arts = prefect.read_artifacts(artifact_filter=ArtifactFilter(
             key=ArtifactFilterKey(any_=["lens-pipeline-tiny"])))
-    assert arts and f"/runs/{out['parent_run_id']}" in arts[-1].data
-    assert f"/runs/{out['pretrain_run_id']})" in arts[-1].data and "| evaluate |" in arts[-1].data
+    report = next((a.data for a in arts if f"/runs/{out['parent_run_id']}" in a.data), "")
+    assert f"/runs/{out['pretrain_run_id']})" in report and "| evaluate |" in report
     # The registered pyfunc loads and draws in a fresh process with only the project installed.
     env = {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-c", LOAD], capture_output=True, text=True,
@@ -192,13 +180,14 @@ def test_tiny_pipeline_trains_and_tracks(prefect_server, dvc_repo: Path, capsys,
     run_dir = last_ckpt.parent.parent
     events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
     assert events[-1]["final"]["steps"] == 6
+    # the rerun did not launch the finished trainer again: one start, one end
+    assert [e for e in events if "resumed_from" in e or "final" in e] == [events[0], events[-1]]
     recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
     assert recipe["pretrain"]["steps"] == 6
 
     # The same job again (a rerun): every stage is reused; the finished pretraining job is
     # found by its name and not relaunched (a killed one resumes: see the test below).
-    assert cli.main(args) == 0
-    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    again = tiny_pipeline.again
     assert again["pretrain_run_id"] == out["pretrain_run_id"]
     assert again["dvc_hash"] == out["dvc_hash"] and again["vae_dir"] == out["vae_dir"]
     # evaluation and registration are cached: the same scores and the same model version
@@ -225,8 +214,6 @@ def test_tiny_pipeline_trains_and_tracks(prefect_server, dvc_repo: Path, capsys,
                       ("0123456789abcdef", "no MLflow run '0123456789abcdef'")):
         assert cli.main(["compare", again["parent_run_id"], bad]) == 2
         assert says in capsys.readouterr().err
-    after = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
-    assert after == events  # the finished trainer was not launched again
     history = client.get_metric_history(pre.info.run_id, "train/loss")
     assert [m.step for m in history] == [2, 3, 4, 6]
 

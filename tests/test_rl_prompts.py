@@ -260,12 +260,12 @@ def test_stage_builds_checks_versions_and_tracks(prefect_server, dvc_repo: Path)
     from tasks.rl_prompts import OUT, outputs_current, rl_prompts_task
 
     repo = dvc_repo
-    tree = load_recipe("tiny", TINY).model_dump(mode="json")
+    recipe = load_recipe("tiny", TINY)
 
     @flow
     def twice() -> tuple[dict, dict, str]:
-        first = rl_prompts_task(tree, str(repo))
-        state = rl_prompts_task(tree, str(repo), "another-parent", return_state=True)
+        first = rl_prompts_task(recipe, str(repo))
+        state = rl_prompts_task(recipe, str(repo), "another-parent", return_state=True)
         return first, state.result(), state.name
 
     first, second, name = twice()
@@ -288,11 +288,11 @@ def test_stage_builds_checks_versions_and_tracks(prefect_server, dvc_repo: Path)
     assert run.inputs.dataset_inputs[0].dataset.digest == first["dvc_hash"][:36]
 
     # what a flow checks before trusting a cache hit
-    assert outputs_current(tree, repo)
-    assert not outputs_current(load_recipe("tiny", [*TINY, "seed=3"]).model_dump(mode="json"),
+    assert outputs_current(recipe, repo)
+    assert not outputs_current(load_recipe("tiny", [*TINY, "seed=3"]),
                                repo)
     Path(first["path"]).unlink()
-    assert not outputs_current(tree, repo)
+    assert not outputs_current(recipe, repo)
 
 
 def test_contract_failure_names_expectation_and_rows(prefect_server, dvc_repo: Path,
@@ -313,10 +313,10 @@ def test_contract_failure_names_expectation_and_rows(prefect_server, dvc_repo: P
         return [*good, twin]
 
     monkeypatch.setattr(rl_prompts, "build_prompts", broken)
-    tree = load_recipe("tiny", [*TINY, "rl.gold_frac=0.3"]).model_dump(mode="json")
+    recipe = load_recipe("tiny", [*TINY, "rl.gold_frac=0.3"])
     @flow
     def once() -> dict:
-        return rl_prompts.rl_prompts_task(tree, str(repo))
+        return rl_prompts.rl_prompts_task(recipe, str(repo))
 
     with pytest.raises(rl_prompts.PromptContractFailed) as err:
         once()

@@ -28,7 +28,6 @@ from typing import Any
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
-import yaml
 from PIL import Image
 from safetensors.torch import save_file
 from torch import Tensor
@@ -61,7 +60,7 @@ from lens_model.flops import train_step_flops
 from lens_model.flow_matching import add_noise, per_token, sample_timesteps, shift_mu, velocity_loss
 from lens_model.packing import pack_tokens
 from lens_model.pipeline import parse_size
-from lens_model.recipe import Recipe
+from lens_model.recipe import Recipe, load_recipe
 from lens_model.text_encoder import LanguageEncoder
 from lens_model.train.engine import TrainConfig, Trainer
 from lens_model.train.ledger import ComputeLedger
@@ -74,15 +73,12 @@ GRID_SEED = 1234
 GRID_PROMPTS = len(SHAPES)  # one object of each shape: each column follows one shape
 
 
-def read_recipe(path: str | Path) -> Recipe:
-    return Recipe.model_validate(yaml.safe_load(Path(path).read_text()))
-
 
 def start_program(params: str | Path) -> Recipe:
     """A training program's first step: read its recipe, refuse a DeepSpeed accelerator
     other than the recipe's device, and split the cores over the local ranks (unless
     OMP_NUM_THREADS says otherwise, for shared hosts)."""
-    recipe = read_recipe(params)
+    recipe = load_recipe(params)
     from deepspeed.accelerator import get_accelerator  # heavy: only in the programs
 
     if (accel := get_accelerator().device_name()) != recipe.launch.device:
@@ -401,8 +397,6 @@ def main(argv: list[str] | None = None) -> int:
         events.emit(step=step, final={"model_dir": str(final), "steps": step,
                                       "train_seconds": time.perf_counter() - start})
     return 0
-
-
 
 
 if __name__ == "__main__":

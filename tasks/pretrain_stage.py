@@ -16,7 +16,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
 from prefect import get_run_logger, task
 
 import mlflow
@@ -79,27 +78,26 @@ def gpu_tags(recipe: Recipe) -> set[str]:
     return {gpu.lower()} if recipe.launch.device == "cuda" and gpu != "none" else set()
 
 
-def under_gpu_tag(stage: Any, tree: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+def under_gpu_tag(stage: Any, recipe: Recipe, *args: Any, **kwargs: Any) -> Any:
     """Call the training task ``stage`` (same arguments and options) under its recipe's GPU
     tag."""
-    tags = gpu_tags(Recipe.model_validate(tree))
-    return stage.with_options(tags=stage.tags | tags)(tree, *args, **kwargs)
+    tags = gpu_tags(recipe)
+    return stage.with_options(tags=stage.tags | tags)(recipe, *args, **kwargs)
 
 
-def pretrain(tree: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+def pretrain(recipe: Recipe, *args: Any, **kwargs: Any) -> Any:
     """Call :func:`pretrain_task` under its recipe's GPU tag."""
-    return under_gpu_tag(pretrain_task, tree, *args, **kwargs)
+    return under_gpu_tag(pretrain_task, recipe, *args, **kwargs)
 
 
 @task(name="pretrain", retries=1, retry_delay_seconds=5)
-def pretrain_task(tree: dict[str, Any], dataset: str, vae: str, dvc_hash: str,
+def pretrain_task(recipe: Recipe, dataset: str, vae: str, dvc_hash: str,
                   parent_run_id: str = "") -> dict[str, Any]:
     """Train, streaming losses, the compute ledger and sample grids into one MLflow run."""
-    recipe = Recipe.model_validate(tree)
     job = job_name(recipe, dvc_hash)
     run_dir = defaults.lens_home() / "runs" / job
     params = run_dir / "recipe.yaml"
-    atomic.write_text(params, yaml.safe_dump(tree, sort_keys=False))
+    atomic.write_text(params, recipe.to_yaml())
     args = ["--params", str(params), "--dataset", dataset, "--vae", vae,
             "--run-dir", str(run_dir)]
     tags = tracking.lineage(recipe, dvc_hash, parent_run_id) | {"lens.stage": "pretrain"}

@@ -21,16 +21,16 @@ from tasks import tracking
 from tasks.cache import keyed_by
 
 HELD_OUT = 32
-VAE_CODE = ("lens_model/vae.py", "lens_model/train/vae_train.py", "tasks/vae.py")
+VAE_CODE = ("lens_model/vae.py", "lens_model/train/vae_train.py", "tasks/vae_stage.py")
 
 
 def _vae_inputs(params: dict[str, Any]) -> dict[str, Any]:
     """What decides the trained VAE: its section, the data and how batches are drawn."""
-    tree = params["tree"]
-    return {k: tree[k] for k in ("seed", "vae", "buckets")} | {
-        "shuffle_buffer": tree["loader"]["shuffle_buffer"],
-        "token_budget": tree["vae"]["token_budget"] or tree["loader"]["token_budget"],
-        "dataset": params["dataset"], "dvc_hash": params["dvc_hash"]}
+    recipe: Recipe = params["recipe"]
+    return {"seed": recipe.seed, "vae": recipe.vae, "buckets": recipe.buckets,
+            "shuffle_buffer": recipe.loader.shuffle_buffer,
+            "token_budget": recipe.vae.token_budget or recipe.loader.token_budget,
+            "dataset": params["dataset"], "dvc_hash": params["dvc_hash"]}
 
 
 def vae_dir(recipe: Recipe, dvc_hash: str) -> Path:
@@ -40,12 +40,11 @@ def vae_dir(recipe: Recipe, dvc_hash: str) -> Path:
 
 
 @task(name="vae", persist_result=True, cache_policy=keyed_by(_vae_inputs, VAE_CODE))
-def vae_stage(tree: dict[str, Any], dataset: str, dvc_hash: str,
+def vae_stage(recipe: Recipe, dataset: str, dvc_hash: str,
               parent_run_id: str = "") -> dict[str, Any]:
     """The VAE folder to use (``dir``): the recipe's pretrained path, or one trained here
     (cached); ``compute_s`` is the training loop's time, ``run_id`` its MLflow run ("" when
     nothing was trained)."""
-    recipe = Recipe.model_validate(tree)
     v = recipe.vae
     if v.source == "pretrained":
         if not Path(str(v.path)).is_dir():

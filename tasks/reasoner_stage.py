@@ -30,18 +30,18 @@ from lens_model.recipe import ReasonerSection, Recipe
 from tasks import tracking
 from tasks.cache import keyed_by
 
-REASONER_CODE = ("lens_model/reasoner", "tasks/reasoner.py")
+REASONER_CODE = ("lens_model/reasoner", "tasks/reasoner_stage.py")
 
 
-def _trained_by(tree: dict[str, Any]) -> dict[str, Any]:
+def _trained_by(recipe: Recipe) -> dict[str, Any]:
     """What decides the trained reasoner: its section less the search, and the seed."""
-    section = {k: v for k, v in tree["reasoner"].items() if k != "search"}
-    return {"reasoner": section, "seed": tree["seed"]}
+    return {"reasoner": recipe.reasoner.model_dump(mode="json", exclude={"search"}),
+            "seed": recipe.seed}
 
 
 def reasoner_dir(recipe: Recipe) -> Path:
     """Where this recipe's trained reasoner lives (the pipeline checks that it exists)."""
-    blob = json.dumps(_trained_by(recipe.model_dump(mode="json")), sort_keys=True)
+    blob = json.dumps(_trained_by(recipe), sort_keys=True)
     key = hashlib.sha256(blob.encode()).hexdigest()[:8]
     return defaults.lens_home() / "reasoner" / f"{recipe.name}-{key}"
 
@@ -59,11 +59,10 @@ def load_reasoner(section: ReasonerSection, folder: str = "") -> Reasoner:
 
 
 @task(name="reasoner", persist_result=True,
-      cache_policy=keyed_by(lambda p: _trained_by(p["tree"]), REASONER_CODE))
-def reasoner_stage(tree: dict[str, Any], parent_run_id: str = "") -> dict[str, Any]:
+      cache_policy=keyed_by(lambda p: _trained_by(p["recipe"]), REASONER_CODE))
+def reasoner_stage(recipe: Recipe, parent_run_id: str = "") -> dict[str, Any]:
     """The reasoner's folder (``dir``, "" for an endpoint), its held-out rule-following rates
     (``heldout``), its MLflow run and ``compute_s``."""
-    recipe = Recipe.model_validate(tree)
     section = recipe.reasoner
     if section.backend == "openai":
         load_reasoner(section)  # a missing URL or model fails here, not mid-search

@@ -16,13 +16,12 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-import yaml
 from prefect import task
 
 from lens_model import atomic, defaults
 from lens_model.recipe import Recipe
 from tasks import tracking
-from tasks.pretrain import command, from_model_job_name, tracked_job, under_gpu_tag
+from tasks.pretrain_stage import command, from_model_job_name, tracked_job, under_gpu_tag
 
 PROGRAM = Path(importlib.util.find_spec("lens_model.train.distill").origin)  # no import
 
@@ -31,21 +30,20 @@ def job_name(recipe: Recipe, dvc_hash: str, teacher_dir: str) -> str:
     return from_model_job_name("distill", recipe, recipe.distill_hash(), dvc_hash, teacher_dir)
 
 
-def distill(tree: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+def distill(recipe: Recipe, *args: Any, **kwargs: Any) -> Any:
     """Call :func:`distill_task` under its recipe's GPU tag."""
-    return under_gpu_tag(distill_task, tree, *args, **kwargs)
+    return under_gpu_tag(distill_task, recipe, *args, **kwargs)
 
 
 @task(name="distill", retries=1, retry_delay_seconds=5)
-def distill_task(tree: dict[str, Any], teacher_dir: str, dataset: str, dvc_hash: str,
+def distill_task(recipe: Recipe, teacher_dir: str, dataset: str, dvc_hash: str,
                  teacher_run_id: str, parent_run_id: str = "") -> dict[str, Any]:
     """Distil the teacher ``teacher_dir`` (the RL stage's final/) on ``dataset``; returns the
     student's folder (``model_dir``), its schedule and the MLflow run."""
-    recipe = Recipe.model_validate(tree)
     job = job_name(recipe, dvc_hash, teacher_dir)
     run_dir = defaults.lens_home() / "runs" / job
     params = run_dir / "recipe.yaml"
-    atomic.write_text(params, yaml.safe_dump(tree, sort_keys=False))
+    atomic.write_text(params, recipe.to_yaml())
     args = ["--params", str(params), "--model", teacher_dir, "--dataset", dataset,
             "--features", str(defaults.lens_home() / "features"), "--run-dir", str(run_dir)]
     tags = tracking.lineage(recipe, dvc_hash, parent_run_id) | {

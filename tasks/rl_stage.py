@@ -14,14 +14,13 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-import yaml
 from prefect import get_run_logger, task
 
 import mlflow
 from lens_model import atomic, defaults
 from lens_model.recipe import Recipe
 from tasks import tracking
-from tasks.pretrain import command, from_model_job_name, tracked_job, under_gpu_tag
+from tasks.pretrain_stage import command, from_model_job_name, tracked_job, under_gpu_tag
 
 PROGRAM = Path(importlib.util.find_spec("lens_model.train.rl").origin)  # no import
 
@@ -30,22 +29,21 @@ def job_name(recipe: Recipe, prompts_hash: str, model_dir: str) -> str:
     return from_model_job_name("rl", recipe, recipe.rl_hash(), prompts_hash, model_dir)
 
 
-def rl(tree: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+def rl(recipe: Recipe, *args: Any, **kwargs: Any) -> Any:
     """Call :func:`rl_task` under its recipe's GPU tag."""
-    return under_gpu_tag(rl_task, tree, *args, **kwargs)
+    return under_gpu_tag(rl_task, recipe, *args, **kwargs)
 
 
 @task(name="rl", retries=1, retry_delay_seconds=5)
-def rl_task(tree: dict[str, Any], model_dir: str, prompts: dict[str, Any], dvc_hash: str,
+def rl_task(recipe: Recipe, model_dir: str, prompts: dict[str, Any], dvc_hash: str,
             pretrain_run_id: str, parent_run_id: str = "") -> dict[str, Any]:
     """RL-train the pretrained ``model_dir`` on the prompt set ``prompts`` (the rl_prompts
     task's result: path, dvc_hash); returns the merged model's folder and the run."""
-    recipe = Recipe.model_validate(tree)
     logger = get_run_logger()
     job = job_name(recipe, prompts["dvc_hash"], model_dir)
     run_dir = defaults.lens_home() / "runs" / job
     params = run_dir / "recipe.yaml"
-    atomic.write_text(params, yaml.safe_dump(tree, sort_keys=False))
+    atomic.write_text(params, recipe.to_yaml())
     args = ["--params", str(params), "--model", model_dir, "--prompts", prompts["path"],
             "--run-dir", str(run_dir)]
     tags = tracking.lineage(recipe, dvc_hash, parent_run_id) | {
