@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def ui(tiny_pipeline: PipelineRuns, tmp_path_factory) -> Iterator[str]:
-    """``lens ui`` on the session's store: the base URL it prints."""
+    """``lens ui`` on the session's store: the URL it prints, the newest pipeline run's page."""
     log = tmp_path_factory.mktemp("ui") / "lens-ui.log"
     port = free_port()
     # Output to a file: a pipe nobody reads fills up and stalls the server.
@@ -43,7 +43,7 @@ def ui(tiny_pipeline: PipelineRuns, tmp_path_factory) -> Iterator[str]:
             time.sleep(0.5)
         line = next(x for x in log.read_text().splitlines() if "MLflow UI:" in x)
         assert "/#/experiments/" in line, f"lens ui named no pipeline run: {line}"
-        yield f"http://127.0.0.1:{port}"
+        yield line.split()[2]  # the newest pipeline run's page
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         proc.wait(timeout=60)
@@ -116,7 +116,7 @@ class Page:
 
 @pytest.fixture(scope="module")
 def page(browser, ui: str, tmp_path_factory) -> Page:
-    return Page(browser, ui, tmp_path_factory.mktemp("screenshots"))
+    return Page(browser, ui.split("/#/")[0], tmp_path_factory.mktemp("screenshots"))
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +128,10 @@ def runs(tiny_pipeline: PipelineRuns) -> dict[str, str]:
     exp = mlflow.MlflowClient().get_run(first["parent_run_id"]).info.experiment_id
     return {**first["runs"], "exp": exp,
             "parent": first["parent_run_id"], "again": tiny_pipeline.again["parent_run_id"]}
+
+
+def test_lens_ui_opens_on_a_pipeline_run(page: Page, ui: str) -> None:
+    page.open("lens-ui", ui.split("/#/")[1], "pipeline-tiny", "Child runs")
 
 
 def test_parent_run_lists_a_child_run_per_stage(page: Page, runs: dict[str, str]) -> None:
