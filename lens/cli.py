@@ -345,7 +345,6 @@ def cmd_model_info(args: argparse.Namespace) -> int:
 
 
 def cmd_train_render(args: argparse.Namespace) -> int:
-
     from lens_model import atomic
     from lens_model.recipe import load_recipe
     from lens_model.train.launch import render_job

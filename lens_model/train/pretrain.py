@@ -73,7 +73,6 @@ GRID_SEED = 1234
 GRID_PROMPTS = len(SHAPES)  # one object of each shape: each column follows one shape
 
 
-
 def start_program(params: str | Path) -> Recipe:
     """A training program's first step: read its recipe, refuse a DeepSpeed accelerator
     other than the recipe's device, and split the cores over the local ranks (unless
