@@ -10,6 +10,7 @@ between ``rl`` and ``evaluate``, and registers the winner with the model.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from lens_model.recipe import load_recipe
 from tasks.prompt_search import search_task
 from tasks.reasoner_stage import reasoner_stage
 from tasks.registry import local_model
+from tasks.results import ReasonerModel
 
 
 @flow(name="lens-reasoner-search", version="1", log_prints=True)
@@ -29,10 +31,11 @@ def search_flow(recipe: str, model: str, overrides: list[str] | None = None) -> 
     folder = local_model(model)
     own = Path(folder) / MODEL
     if rec.reasoner.backend != "openai" and (own / "config.json").is_file():
-        reasoner = {"dir": str(own), "heldout": {}}  # the version's reasoner, as released
+        reasoner = ReasonerModel(str(own))  # the version's reasoner, as released
     else:
         reasoner = reasoner_stage(rec)
-    return search_task(rec, folder, reasoner) | {"model": model, "reasoner_dir": reasoner["dir"]}
+    return asdict(search_task(rec, folder, reasoner)) | {"model": model,
+                                                          "reasoner_dir": reasoner.dir}
 
 
 def run(recipe: str, model: str, overrides: list[str] | None = None) -> dict[str, Any]:

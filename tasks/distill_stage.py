@@ -22,6 +22,7 @@ from lens_model import atomic, defaults
 from lens_model.recipe import Recipe
 from tasks import tracking
 from tasks.pretrain_stage import command, from_model_job_name, tracked_job, under_gpu_tag
+from tasks.results import TrainedJob
 
 PROGRAM = Path(importlib.util.find_spec("lens_model.train.distill").origin)  # no import
 
@@ -37,9 +38,9 @@ def distill(recipe: Recipe, *args: Any, **kwargs: Any) -> Any:
 
 @task(name="distill", retries=1, retry_delay_seconds=5)
 def distill_task(recipe: Recipe, teacher_dir: str, dataset: str, dvc_hash: str,
-                 teacher_run_id: str, parent_run_id: str = "") -> dict[str, Any]:
-    """Distil the teacher ``teacher_dir`` (the RL stage's final/) on ``dataset``; returns the
-    student's folder (``model_dir``), its schedule and the MLflow run."""
+                 teacher_run_id: str, parent_run_id: str = "") -> TrainedJob:
+    """Distil the teacher ``teacher_dir`` (the RL stage's final/) on ``dataset``; the result's
+    ``final`` holds the student's folder and its schedule."""
     job = job_name(recipe, dvc_hash, teacher_dir)
     run_dir = defaults.lens_home() / "runs" / job
     params = run_dir / "recipe.yaml"

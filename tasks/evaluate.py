@@ -37,6 +37,7 @@ from lens_model.pipeline import load_pipeline
 from lens_model.recipe import Recipe
 from tasks import tracking
 from tasks.cache import keyed_by, trained_model
+from tasks.results import Evaluation, TurboScores
 
 EVAL_CODE = ("lens_model/eval", "lens_model/pipeline.py", "lens_model/flow_matching.py",
              "lens_model/transformer.py", "tasks/evaluate.py")
@@ -64,7 +65,7 @@ def _eval_inputs(params: dict[str, Any]) -> dict[str, Any]:
 @task(name="evaluate", persist_result=True, cache_policy=keyed_by(_eval_inputs, EVAL_CODE))
 def evaluate_stage(recipe: Recipe, model_dir: str, dvc_hash: str,
                    parent_run_id: str = "", pretrained_dir: str = "",
-                   turbo_dir: str = "") -> dict[str, Any]:
+                   turbo_dir: str = "") -> Evaluation:
     """Score ``model_dir`` (a training final/ folder), the untrained baseline and, beside
     them, ``pretrained_dir`` (the model RL started from), all under the recipe's protocol;
     and ``turbo_dir`` (``model_dir`` distilled) beside ``model_dir`` under the turbo one."""
@@ -78,7 +79,7 @@ def evaluate_stage(recipe: Recipe, model_dir: str, dvc_hash: str,
     if pretrained_dir:
         pretrained = evaluate(pipeline_generator(load_pipeline(pretrained_dir), protocol),
                               protocol)
-    turbo: dict[str, Any] | None = None
+    turbo: TurboScores | None = None
     if turbo_dir:
         student = load_pipeline(turbo_dir)
         if student.turbo_steps is None:
@@ -87,10 +88,9 @@ def evaluate_stage(recipe: Recipe, model_dir: str, dvc_hash: str,
         fast = turbo_protocol(protocol, student.turbo_steps)
         scored = evaluate(pipeline_generator(student, fast), fast)
         undistilled = evaluate(pipeline_generator(pipe, fast), fast)
-        turbo = {"model_dir": turbo_dir, "scores": scored.scores,
-                 "seconds_per_image": scored.seconds_per_image, "eval_hash": fast.hash(),
-                 "steps": fast.steps, "undistilled_scores": undistilled.scores,
-                 "speedup": report.seconds_per_image / max(scored.seconds_per_image, 1e-9)}
+        turbo = TurboScores(turbo_dir, scored.scores, scored.seconds_per_image, fast.hash(),
+                            fast.steps, undistilled.scores,
+                            report.seconds_per_image / max(scored.seconds_per_image, 1e-9))
     ceiling = reconstruction_ceiling(pipe.semantic_vae.reconstruct, protocol,
                                      recipe.data.backgrounds, recipe.data.patterns)
     compute_s = time.perf_counter() - start
@@ -105,14 +105,14 @@ def evaluate_stage(recipe: Recipe, model_dir: str, dvc_hash: str,
     tags = tracking.lineage(recipe, dvc_hash, parent_run_id) | {
         "lens.stage": "evaluate", "lens.eval_hash": protocol.hash(), "lens.model_dir": model_dir}
     if turbo:
-        tags |= {"lens.turbo_eval_hash": turbo["eval_hash"], "lens.turbo_model_dir": turbo_dir}
+        tags |= {"lens.turbo_eval_hash": turbo.eval_hash, "lens.turbo_model_dir": turbo_dir}
     with mlflow.start_run(experiment_id=exp, run_name=f"evaluate-{recipe.name}",
                           tags=tags) as run:
         mlflow.log_params({f"eval.{k}": v for k, v in report.to_json()["protocol"].items()})
         mlflow.log_metrics(_metrics("eval", report) | _metrics("baseline", baseline)
                            | (_metrics("pretrained", pretrained) if pretrained else {})
                            | (_metrics("turbo", scored) | _metrics("undistilled", undistilled)
-                              | {"turbo/speedup": turbo["speedup"]} if turbo else {})
+                              | {"turbo/speedup": turbo.speedup} if turbo else {})
                            | {f"ceiling/{k}": v for k, v in ceiling.items()})
         mlflow.log_artifact(str(grid), "eval")
         mlflow.log_artifact(str(out_dir / "report.json"), "eval")
@@ -121,12 +121,9 @@ def evaluate_stage(recipe: Recipe, model_dir: str, dvc_hash: str,
     logger.info(f"eval {protocol.hash()}: {report.scores} (untrained {baseline.scores}, VAE "
                 f"ceiling {ceiling}), {report.seconds_per_image:.3f} s/image, grid {grid}")
     if turbo:
-        logger.info(f"turbo eval {turbo['eval_hash']}: {turbo['scores']} (the teacher at "
-                    f"{turbo['steps']} steps without CFG: {turbo['undistilled_scores']}), "
-                    f"{turbo['seconds_per_image']:.3f} s/image, {turbo['speedup']:.1f}x faster")
-    return {"run_id": run.info.run_id, "scores": report.scores,
-            "baseline_scores": baseline.scores, "ceiling_scores": ceiling,
-            "pretrained_scores": pretrained.scores if pretrained else None,
-            "seconds_per_image": report.seconds_per_image,
-            "eval_hash": protocol.hash(), "grid": str(grid), "turbo": turbo,
-            "compute_s": compute_s}
+        logger.info(f"turbo eval {turbo.eval_hash}: {turbo.scores} (the teacher at "
+                    f"{turbo.steps} steps without CFG: {turbo.undistilled_scores}), "
+                    f"{turbo.seconds_per_image:.3f} s/image, {turbo.speedup:.1f}x faster")
+    return Evaluation(run.info.run_id, report.scores, baseline.scores, ceiling,
+                      pretrained.scores if pretrained else None, report.seconds_per_image,
+                      protocol.hash(), str(grid), turbo, compute_s)

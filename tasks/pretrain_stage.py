@@ -24,6 +24,7 @@ from lens_model.recipe import Recipe
 from lens_model.train.launch import torchrun_cmd
 from tasks import tracking
 from tasks.event_stream import run_streaming
+from tasks.results import TrainedJob
 
 PROGRAM = Path(importlib.util.find_spec("lens_model.train.pretrain").origin)  # no import
 
@@ -92,7 +93,7 @@ def pretrain(recipe: Recipe, *args: Any, **kwargs: Any) -> Any:
 
 @task(name="pretrain", retries=1, retry_delay_seconds=5)
 def pretrain_task(recipe: Recipe, dataset: str, vae: str, dvc_hash: str,
-                  parent_run_id: str = "") -> dict[str, Any]:
+                  parent_run_id: str = "") -> TrainedJob:
     """Train, streaming losses, the compute ledger and sample grids into one MLflow run."""
     job = job_name(recipe, dvc_hash)
     run_dir = defaults.lens_home() / "runs" / job
@@ -110,7 +111,7 @@ def pretrain_task(recipe: Recipe, dataset: str, vae: str, dvc_hash: str,
 
 def tracked_job(recipe: Recipe, job: str, run_dir: Path, cmd: list[str], steps: int,
                 tags: dict[str, str], params: dict[str, Any],
-                on_final: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                on_final: Callable[[dict[str, Any]], None] | None = None) -> TrainedJob:
     """Run a training program (``cmd``) as the MLflow run tagged ``lens.job`` = ``job``,
     streaming its events (metrics, artifacts, checkpoints) there; a job that finished all
     ``steps`` before is reused, a stopped one resumes in its run. ``on_final(final)`` runs
@@ -122,8 +123,7 @@ def tracked_job(recipe: Recipe, job: str, run_dir: Path, cmd: list[str], steps: 
     done = _finished(run_dir, steps)
     if done and existing:  # a rerun of a finished job: nothing to launch
         logger.info(f"{job} finished all {steps} steps before; reusing {done['model_dir']}")
-        return {"run_id": existing[0].info.run_id, "job": job, "run_dir": str(run_dir),
-                "compute_s": 0.0, **done}
+        return TrainedJob(existing[0].info.run_id, job, str(run_dir), 0.0, done)
     final: dict[str, Any] = {}
     with mlflow.start_run(run_id=existing[0].info.run_id if existing else None,
                           experiment_id=exp, run_name=job, tags=tags | {"lens.job": job},
@@ -152,5 +152,4 @@ def tracked_job(recipe: Recipe, job: str, run_dir: Path, cmd: list[str], steps: 
         mlflow.set_tags({"lens.model_dir": final.get("model_dir", "")})
         if on_final is not None:
             on_final(final)
-        return {"run_id": run.info.run_id, "job": job, "run_dir": str(run_dir),
-                "compute_s": compute_s, **final}
+        return TrainedJob(run.info.run_id, job, str(run_dir), compute_s, final)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -36,6 +35,7 @@ from lens_model.recipe import Recipe
 from tasks import tracking
 from tasks.cache import keyed_by, trained_model
 from tasks.reasoner_stage import REASONER_CODE, load_reasoner
+from tasks.results import ReasonerModel, SearchedPrompt
 
 SEARCH_CODE = (*REASONER_CODE, "tasks/prompt_search.py", "lens_model/eval")
 
@@ -43,8 +43,8 @@ SEARCH_CODE = (*REASONER_CODE, "tasks/prompt_search.py", "lens_model/eval")
 def _search_inputs(params: dict[str, Any]) -> dict[str, Any]:
     recipe: Recipe = params["recipe"]
     return {"reasoner": recipe.reasoner, "eval": recipe.eval, "seed": recipe.seed,
-            **trained_model(params["model_dir"]), "reasoner_dir": params["reasoner"]["dir"],
-            "heldout": params["reasoner"]["heldout"]}
+            **trained_model(params["model_dir"]), "reasoner_dir": params["reasoner"].dir,
+            "heldout": params["reasoner"].heldout}
 
 
 def _optimiser(recipe: Recipe) -> Optimiser:
@@ -54,16 +54,15 @@ def _optimiser(recipe: Recipe) -> Optimiser:
 
 @task(name="reasoner-search", persist_result=True,
       cache_policy=keyed_by(_search_inputs, SEARCH_CODE))
-def search_task(recipe: Recipe, model_dir: str, reasoner: dict[str, Any],
-                dvc_hash: str = "", parent_run_id: str = "") -> dict[str, Any]:
+def search_task(recipe: Recipe, model_dir: str, reasoner: ReasonerModel,
+                dvc_hash: str = "", parent_run_id: str = "") -> SearchedPrompt:
     """Search the system prompt for the model at ``model_dir`` with the reasoner stage's
-    result ``reasoner``; returns the winner (``system_prompt``, ``hash``, its file), the
-    test-split scores, the curve and the run."""
+    ``reasoner``; returns the winner, its test-split scores, the curve and the run."""
     section, s = recipe.reasoner, recipe.reasoner.search
     logger = get_run_logger()
     start = time.perf_counter()
     pipe = load_pipeline(model_dir)
-    rewriter = load_reasoner(section, reasoner["dir"])
+    rewriter = load_reasoner(section, reasoner.dir)
     plain = EvalProtocol.from_recipe(recipe.eval)
     hard = EvalProtocol.from_recipe(recipe.eval, version=R_PROMPT_SET_VERSION)
     generate = pipeline_generator(pipe, plain)  # both sets share the sampling settings
@@ -76,7 +75,7 @@ def search_task(recipe: Recipe, model_dir: str, reasoner: dict[str, Any],
     exp = tracking.experiment(recipe.tracking.experiment)
     tags = tracking.lineage(recipe, dvc_hash, parent_run_id) | {
         "lens.stage": "reasoner-search", "lens.model_dir": model_dir,
-        "lens.reasoner_dir": reasoner["dir"]}
+        "lens.reasoner_dir": reasoner.dir}
     truncation: dict[str, float] = {}
 
     def score(system: str) -> Any:
@@ -136,7 +135,6 @@ def search_task(recipe: Recipe, model_dir: str, reasoner: dict[str, Any],
     logger.info(f"searched system prompt {best.hash} after {result.rounds} rounds "
                 f"({result.stopped}): shapes-GenEval-R {scores['r/none'][OVERALL]:.3f} -> "
                 f"{scores['r/searched'][OVERALL]:.3f} ({gain:+.3f}) on the test split")
-    return {"system_prompt": best.prompt, "hash": best.hash, "path": str(Path(path)),
-            "test": scores, "curve": result.curve, "rounds": result.rounds,
-            "stopped": result.stopped, "run_id": run.info.run_id,
-            "r_eval_hash": hard_test.hash(), "compute_s": time.perf_counter() - start}
+    return SearchedPrompt(best.prompt, best.hash, str(path), scores, list(result.curve),
+                          result.rounds, result.stopped, run.info.run_id, hard_test.hash(),
+                          time.perf_counter() - start)

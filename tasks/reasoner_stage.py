@@ -29,6 +29,7 @@ from lens_model.reasoner.training import heldout_set, rule_following, train_reas
 from lens_model.recipe import ReasonerSection, Recipe
 from tasks import tracking
 from tasks.cache import keyed_by
+from tasks.results import ReasonerModel
 
 REASONER_CODE = ("lens_model/reasoner", "tasks/reasoner_stage.py")
 
@@ -60,13 +61,13 @@ def load_reasoner(section: ReasonerSection, folder: str = "") -> Reasoner:
 
 @task(name="reasoner", persist_result=True,
       cache_policy=keyed_by(lambda p: _trained_by(p["recipe"]), REASONER_CODE))
-def reasoner_stage(recipe: Recipe, parent_run_id: str = "") -> dict[str, Any]:
-    """The reasoner's folder (``dir``, "" for an endpoint), its held-out rule-following rates
-    (``heldout``), its MLflow run and ``compute_s``."""
+def reasoner_stage(recipe: Recipe, parent_run_id: str = "") -> ReasonerModel:
+    """The reasoner's folder ("" for an endpoint), its held-out rule-following rates, its
+    MLflow run and ``compute_s``."""
     section = recipe.reasoner
     if section.backend == "openai":
         load_reasoner(section)  # a missing URL or model fails here, not mid-search
-        return {"dir": "", "heldout": {}, "run_id": "", "compute_s": 0.0}
+        return ReasonerModel("")
     logger = get_run_logger()
     exp = tracking.experiment(recipe.tracking.experiment)
     tags = tracking.lineage(recipe, "", parent_run_id) | {"lens.stage": "reasoner",
@@ -95,4 +96,4 @@ def reasoner_stage(recipe: Recipe, parent_run_id: str = "") -> dict[str, Any]:
     logger.info(f"reasoner ({section.backend}) {folder or section.endpoint.base_url}: held-out "
                 f"exact {heldout['exact']:.3f}, per rule "
                 f"{ {k[5:]: round(v, 2) for k, v in heldout.items() if k.startswith('rule/')} }")
-    return {"dir": folder, "heldout": heldout, "run_id": run.info.run_id, "compute_s": compute_s}
+    return ReasonerModel(folder, heldout, run.info.run_id, compute_s)

@@ -36,6 +36,7 @@ from lens_model.secrets import redact_mapping
 from tasks import dvc_ops, gx_contract, tracking
 from tasks.cache import keyed_by
 from tasks.dataset import ContractFailed, code_fingerprint
+from tasks.results import PromptSet
 
 STAGE, OUT = "rl_prompts", "data/rl_prompts"
 PROMPTS, CONTRACT = "prompts.parquet", "contract.json"
@@ -231,13 +232,12 @@ def log_run(recipe: Recipe, built: dict[str, Any], versioned: dict[str, str], ro
 
 @task(name="rl-prompts", version="1", persist_result=True,
       cache_policy=keyed_by(_task_inputs, RL_PROMPTS_CODE))
-def rl_prompts_task(recipe: Recipe, repo: str, parent_run_id: str = "") -> dict[str, Any]:
-    """Build, check, version and track the recipe's RL prompt set; returns path (the Parquet
-    file), dvc_hash, run_id, counts and compute_s."""
+def rl_prompts_task(recipe: Recipe, repo: str, parent_run_id: str = "") -> PromptSet:
+    """Build, check, version and track the recipe's RL prompt set."""
     root = dvc_ops.repo_root(repo)
     dvc_ops.write_params(root, recipe)  # the stage's params, as `dvc commit` reads them
     built = build_and_check(recipe, root / OUT)
     versioned = version(root)
     run_id = log_run(recipe, built, versioned, root, parent_run_id)
-    return {"path": built["path"], "dvc_hash": versioned["dvc_hash"], "run_id": run_id,
-            "counts": built["counts"], "compute_s": round(built["compute_s"], 3)}
+    return PromptSet(built["path"], versioned["dvc_hash"], run_id, built["counts"],
+                     round(built["compute_s"], 3))

@@ -21,6 +21,7 @@ from lens_model import atomic, defaults
 from lens_model.recipe import Recipe
 from tasks import tracking
 from tasks.pretrain_stage import command, from_model_job_name, tracked_job, under_gpu_tag
+from tasks.results import PromptSet, TrainedJob
 
 PROGRAM = Path(importlib.util.find_spec("lens_model.train.rl").origin)  # no import
 
@@ -35,25 +36,25 @@ def rl(recipe: Recipe, *args: Any, **kwargs: Any) -> Any:
 
 
 @task(name="rl", retries=1, retry_delay_seconds=5)
-def rl_task(recipe: Recipe, model_dir: str, prompts: dict[str, Any], dvc_hash: str,
-            pretrain_run_id: str, parent_run_id: str = "") -> dict[str, Any]:
-    """RL-train the pretrained ``model_dir`` on the prompt set ``prompts`` (the rl_prompts
-    task's result: path, dvc_hash); returns the merged model's folder and the run."""
+def rl_task(recipe: Recipe, model_dir: str, prompts: PromptSet, dvc_hash: str,
+            pretrain_run_id: str, parent_run_id: str = "") -> TrainedJob:
+    """RL-train the pretrained ``model_dir`` on the prompt set ``prompts``; the result's
+    ``final`` holds the merged model's folder, the adapter and the gold-score log."""
     logger = get_run_logger()
-    job = job_name(recipe, prompts["dvc_hash"], model_dir)
+    job = job_name(recipe, prompts.dvc_hash, model_dir)
     run_dir = defaults.lens_home() / "runs" / job
     params = run_dir / "recipe.yaml"
     atomic.write_text(params, recipe.to_yaml())
-    args = ["--params", str(params), "--model", model_dir, "--prompts", prompts["path"],
+    args = ["--params", str(params), "--model", model_dir, "--prompts", prompts.path,
             "--run-dir", str(run_dir)]
     tags = tracking.lineage(recipe, dvc_hash, parent_run_id) | {
         "lens.stage": "rl", "lens.pretrain_run": pretrain_run_id,
-        "lens.pretrain_model_dir": model_dir, "lens.rl_prompts_dvc_hash": prompts["dvc_hash"]}
+        "lens.pretrain_model_dir": model_dir, "lens.rl_prompts_dvc_hash": prompts.dvc_hash}
 
     def on_final(final: dict[str, Any]) -> None:
         from tasks.rl_prompts import log_prompt_input
 
-        log_prompt_input(prompts["path"], prompts["dvc_hash"], f"{recipe.name}-rl-prompts")
+        log_prompt_input(prompts.path, prompts.dvc_hash, f"{recipe.name}-rl-prompts")
         if final.get("adapter_dir"):
             mlflow.log_artifacts(final["adapter_dir"], "adapter")
         flagged = bool(final.get("reward_hacking"))
@@ -63,9 +64,5 @@ def rl_task(recipe: Recipe, model_dir: str, prompts: dict[str, Any], dvc_hash: s
                            f"score fell ({final.get('gold')})")
 
     logged = {k: v for k, v in recipe.flat().items() if k.split(".")[0] == "rl"}
-    result = tracked_job(recipe, job, run_dir, command(recipe, args, PROGRAM), recipe.rl.steps,
-                         tags, logged, on_final)
-    gold = result.get("gold") or []  # (step, gold reward) pairs
-    result["gold_before"] = gold[0][1] if gold else None
-    result["gold_after"] = gold[-1][1] if gold else None
-    return result
+    return tracked_job(recipe, job, run_dir, command(recipe, args, PROGRAM), recipe.rl.steps,
+                       tags, logged, on_final)

@@ -19,6 +19,7 @@ from lens_model.train.vae_train import held_out_images, reconstruction_grid, tra
 from lens_model.vae import SemanticVAE
 from tasks import tracking
 from tasks.cache import keyed_by
+from tasks.results import TrainedVae
 
 HELD_OUT = 32
 VAE_CODE = ("lens_model/vae.py", "lens_model/train/vae_train.py", "tasks/vae_stage.py")
@@ -41,16 +42,15 @@ def vae_dir(recipe: Recipe, dvc_hash: str) -> Path:
 
 @task(name="vae", persist_result=True, cache_policy=keyed_by(_vae_inputs, VAE_CODE))
 def vae_stage(recipe: Recipe, dataset: str, dvc_hash: str,
-              parent_run_id: str = "") -> dict[str, Any]:
-    """The VAE folder to use (``dir``): the recipe's pretrained path, or one trained here
-    (cached); ``compute_s`` is the training loop's time, ``run_id`` its MLflow run ("" when
-    nothing was trained)."""
+              parent_run_id: str = "") -> TrainedVae:
+    """The VAE folder to use: the recipe's pretrained path, or one trained here (cached);
+    ``compute_s`` is the training loop's time."""
     v = recipe.vae
     if v.source == "pretrained":
         if not Path(str(v.path)).is_dir():
             raise FileNotFoundError(f"vae.path {v.path!r} is not a local folder; download the "
                                     f"AutoencoderKLFlux2 there or set vae.source=train")
-        return {"dir": str(v.path), "compute_s": 0.0, "run_id": ""}  # no run: nothing trained
+        return TrainedVae(str(v.path))  # no run: nothing trained
     logger = get_run_logger()
     out = vae_dir(recipe, dvc_hash)
     with torch.random.fork_rng():  # seeded init, so a rerun trains the same VAE
@@ -80,5 +80,5 @@ def vae_stage(recipe: Recipe, dataset: str, dvc_hash: str,
             vae.save_pretrained(tmp)
         mlflow.set_tag("lens.vae_dir", str(out))
     logger.info(f"VAE: PSNR {metrics['psnr_before']:.2f} -> {metrics['psnr']:.2f} dB, {out}")
-    return {"dir": str(out), "compute_s": metrics["seconds"], "run_id": run.info.run_id}
+    return TrainedVae(str(out), run.info.run_id, metrics["seconds"])
 

@@ -169,7 +169,7 @@ def brief_teacher(prefect_server, tmp_path_factory) -> BriefTeacher:
     @flow
     def brief() -> str:
         vae = vae_stage(recipe, str(root / "data"), "brief")
-        return pretrain(recipe, str(root / "data"), vae["dir"], "brief")["model_dir"]
+        return pretrain(recipe, str(root / "data"), vae.dir, "brief").model_dir
 
     return BriefTeacher(brief(), root / "data")
 

@@ -20,6 +20,7 @@ from lens_model.rl.llm import LLMError
 from lens_model.rl.prompts import RLPrompt, build_prompts, read_prompts, write_prompts
 from lens_model.rl.rubrics import check_rubrics
 from lens_model.rl.taxonomy import DIMENSIONS, TaxonomyError, load_taxonomy
+from tasks.results import PromptSet
 from tests.fake_openai import FakeOpenAI
 
 TINY = ["rl.num_prompts=256"]
@@ -263,35 +264,35 @@ def test_stage_builds_checks_versions_and_tracks(prefect_server, dvc_repo: Path)
     recipe = load_recipe("tiny", TINY)
 
     @flow
-    def twice() -> tuple[dict, dict, str]:
+    def twice() -> tuple[PromptSet, PromptSet, str]:
         first = rl_prompts_task(recipe, str(repo))
         state = rl_prompts_task(recipe, str(repo), "another-parent", return_state=True)
         return first, state.result(), state.name
 
     first, second, name = twice()
     assert name == "Cached" and second == first  # the parent run id is not in the key
-    assert first["counts"]["total"] == 256 and first["compute_s"] < 30
-    assert first["counts"]["train"] + first["counts"]["gold"] == 256
-    assert Path(first["path"]) == repo / OUT / "prompts.parquet"
-    assert len(read_prompts(first["path"])) == 256
+    assert first.counts["total"] == 256 and first.compute_s < 30
+    assert first.counts["train"] + first.counts["gold"] == 256
+    assert Path(first.path) == repo / OUT / "prompts.parquet"
+    assert len(read_prompts(first.path)) == 256
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["rl_prompts"]
-    assert lock["outs"][0]["md5"].removesuffix(".dir") == first["dvc_hash"]
+    assert lock["outs"][0]["md5"].removesuffix(".dir") == first.dvc_hash
     report = json.loads((repo / OUT / "contract.json").read_text())
     assert report["passed"] and len(report["expectations"]) == 6
 
-    run = mlflow.MlflowClient().get_run(first["run_id"])
+    run = mlflow.MlflowClient().get_run(first.run_id)
     assert run.info.run_name == "rl-prompts-tiny"
     assert run.data.tags["lens.stage"] == "rl_prompts"
-    assert run.data.tags["lens.dvc_hash"] == first["dvc_hash"]
-    assert run.data.metrics["prompts.gold"] == first["counts"]["gold"]
+    assert run.data.tags["lens.dvc_hash"] == first.dvc_hash
+    assert run.data.metrics["prompts.gold"] == first.counts["gold"]
     assert run.data.params["rl.taxonomy"] == "shapes"
-    assert run.inputs.dataset_inputs[0].dataset.digest == first["dvc_hash"][:36]
+    assert run.inputs.dataset_inputs[0].dataset.digest == first.dvc_hash[:36]
 
     # what a flow checks before trusting a cache hit
     assert outputs_current(recipe, repo)
     assert not outputs_current(load_recipe("tiny", [*TINY, "seed=3"]),
                                repo)
-    Path(first["path"]).unlink()
+    Path(first.path).unlink()
     assert not outputs_current(recipe, repo)
 
 
@@ -315,7 +316,7 @@ def test_contract_failure_names_expectation_and_rows(prefect_server, dvc_repo: P
     monkeypatch.setattr(rl_prompts, "build_prompts", broken)
     recipe = load_recipe("tiny", [*TINY, "rl.gold_frac=0.3"])
     @flow
-    def once() -> dict:
+    def once() -> PromptSet:
         return rl_prompts.rl_prompts_task(recipe, str(repo))
 
     with pytest.raises(rl_prompts.PromptContractFailed) as err:
