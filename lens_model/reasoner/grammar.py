@@ -252,11 +252,13 @@ def apply(rules: Iterable[str], req: Request) -> Request:
         if "no_color" in names:
             it = replace(it, color=None, color_form="plain", color_word=0)
         items[k] = it
+    # a foreign request is rendered with its language's "a photo of" whatever its lead, so
+    # its translation says "a photo of" too: anything else could not be read from the text
     return Request(
         tuple(items), relation,
         -1 if "relation" in names else relation_form,
         "en" if "english" in names else req.lang,
-        -1 if "photo" in names else req.lead,
+        -1 if "photo" in names or req.lang != "en" else req.lead,
         req.long or "long" in names)
 
 
