@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import logging
@@ -104,6 +105,27 @@ def trainer_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     return {**env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+
+
+def program_events(program: str, args: list[str], run: Path, nproc: int = 1) -> list[dict]:
+    """Run ``lens_model/train/<program>.py`` to the end; the events it wrote in ``run``. One
+    process runs in this one, through the program's ``main``, on one thread as in a process of
+    its own (which would spend longer importing torch, diffusers and DeepSpeed than training a
+    few steps). More go through torchrun."""
+    if nproc == 1:
+        import torch
+
+        threads = torch.get_num_threads()  # the program sets its own; later tests keep theirs
+        try:
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setenv("OMP_NUM_THREADS", "1")  # what run_trainer's processes get
+                assert importlib.import_module(f"lens_model.train.{program}").main(args) == 0
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        proc = run_trainer(program, args, nproc)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
 
 
 def run_trainer(program: str, args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:

@@ -4,9 +4,7 @@ resumes exactly from a checkpoint."""
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -33,7 +31,7 @@ from lens_model.train.pretrain import (
 from lens_model.transformer import LensTransformer2DModel
 from lens_model.vae import SemanticVAE
 from tasks import dataset
-from tests.conftest import run_trainer, straight_and_resumed
+from tests.conftest import program_events, straight_and_resumed
 
 # long and short captions mixed (the paper keeps long ones only), so both feature paths are read
 RECIPE_OVERRIDES = ["data.num_samples=32", "data.samples_per_shard=16",
@@ -149,8 +147,8 @@ def test_grid_prompts_draw_each_shape_once_in_distinct_colours() -> None:
 
 # --- the whole program: N steps straight == resumed from the checkpoint at N/2 ---------------
 
-def _program(parts, run: Path, nproc: int, *overrides: str) -> subprocess.CompletedProcess:
-    """Run lens_model/train/pretrain.py for 4 steps on the fixture's data, on the CPU."""
+def _args(parts, run: Path, nproc: int, *overrides: str) -> list[str]:
+    """lens_model/train/pretrain.py's arguments for 4 steps on the fixture's data, on the CPU."""
     root, vae = parts[0], parts[1]
     vae_dir = root / "vae"
     if not vae_dir.exists():
@@ -163,15 +161,12 @@ def _program(parts, run: Path, nproc: int, *overrides: str) -> subprocess.Comple
                                   *overrides])
     run.mkdir(parents=True, exist_ok=True)
     (run / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
-    args = ["--params", str(run / "recipe.yaml"), "--dataset", str(root / "data"),
+    return ["--params", str(run / "recipe.yaml"), "--dataset", str(root / "data"),
             "--vae", str(vae_dir), "--run-dir", str(run), "--features", str(root / "features")]
-    return run_trainer("pretrain", args, nproc)
 
 
 def _events(parts, run: Path, nproc: int) -> list[dict]:
-    proc = _program(parts, run, nproc)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    return program_events("pretrain", _args(parts, run, nproc), run, nproc)
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -204,7 +199,8 @@ def test_the_program_resumed_at_half_matches_the_straight_run(parts, tmp_path, n
 
 
 def test_the_program_refuses_a_device_the_accelerator_is_not(parts, tmp_path) -> None:
-    proc = _program(parts, tmp_path / "run", 1, "launch.device=cuda")
-    assert proc.returncode != 0
-    assert "launch.device is 'cuda' but DeepSpeed's accelerator is 'cpu'" in proc.stderr
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit, match="launch.device is 'cuda' but DeepSpeed's accelerator "
+                                         "is 'cpu'"):
+        program_events("pretrain", _args(parts, run, 1, "launch.device=cuda"), run)
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -5,7 +5,6 @@ exactly from a checkpoint."""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,7 @@ from lens_model.text_encoder import LanguageEncoder
 from lens_model.train.pretrain import save_final
 from lens_model.transformer import LensTransformer2DModel
 from lens_model.vae import SemanticVAE
-from tests.conftest import BRIEF, BriefTeacher, run_trainer, straight_and_resumed
+from tests.conftest import BRIEF, BriefTeacher, program_events, straight_and_resumed
 
 RL_SHORT = ["rl.num_prompts=24", "rl.groups=2", "rl.group_size=2", "rl.sample_steps=2",
             "rl.steps=4", "rl.ckpt_every=2", "rl.keep_last=3", "rl.gold_every=2",
@@ -210,7 +209,7 @@ def rl_inputs(tmp_path_factory) -> tuple[Path, Path, list[str]]:
     return final, prompts, RL_SHORT
 
 
-def _program(inputs, run: Path, nproc: int) -> subprocess.CompletedProcess:
+def _events(inputs, run: Path, nproc: int) -> list[dict]:
     """The RL program on the fixture's model and prompts: one process, or ``nproc`` through
     torchrun (each rank rolls out its share of the prompt groups)."""
     final, prompts, short = inputs
@@ -219,13 +218,7 @@ def _program(inputs, run: Path, nproc: int) -> subprocess.CompletedProcess:
     (run / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
     args = ["--params", str(run / "recipe.yaml"), "--model", str(final), "--prompts",
             str(prompts), "--run-dir", str(run)]
-    return run_trainer("rl", args, nproc)
-
-
-def _events(inputs, run: Path, nproc: int) -> list[dict]:
-    proc = _program(inputs, run, nproc)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    return program_events("rl", args, run, nproc)
 
 
 @pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])
