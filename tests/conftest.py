@@ -108,36 +108,29 @@ def trainer_env() -> dict[str, str]:
 
 
 def program_events(program: str, args: list[str], run: Path, nproc: int = 1) -> list[dict]:
-    """Run ``lens_model/train/<program>.py`` to the end; the events it wrote in ``run``. One
-    process runs in this one, through the program's ``main``, on one thread as in a process of
-    its own (which would spend longer importing torch, diffusers and DeepSpeed than training a
-    few steps). More go through torchrun."""
-    if nproc == 1:
+    """Run ``lens_model/train/<program>.py`` on the CPU to the end; the events it wrote in
+    ``run``. One process runs in this one, through the program's ``main`` on one thread, as a
+    process of its own would (which would spend longer importing torch, diffusers and
+    DeepSpeed than training a few steps). More go through torchrun on a free port."""
+    if nproc > 1:
+        from lens_model.train.launch import torchrun_cmd
+
+        cmd = torchrun_cmd(nproc, script=REPO / "lens_model" / "train" / f"{program}.py",
+                           args=args, master_port=free_port())
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                              env=trainer_env())
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    else:
         import torch
 
         threads = torch.get_num_threads()  # the program sets its own; later tests keep theirs
         try:
             with pytest.MonkeyPatch.context() as patch:
-                patch.setenv("OMP_NUM_THREADS", "1")  # what run_trainer's processes get
+                patch.setenv("OMP_NUM_THREADS", "1")  # as trainer_env gives a process
                 assert importlib.import_module(f"lens_model.train.{program}").main(args) == 0
         finally:
             torch.set_num_threads(threads)
-    else:
-        proc = run_trainer(program, args, nproc)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
-
-
-def run_trainer(program: str, args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
-    """``lens_model/train/<program>.py`` on the CPU: one process, or ``nproc`` through
-    torchrun on a free port; its output captured."""
-    from lens_model.train.launch import torchrun_cmd
-
-    script = REPO / "lens_model" / "train" / f"{program}.py"
-    cmd = ([sys.executable, str(script), *args] if nproc == 1 else
-           torchrun_cmd(nproc, script=script, args=args, master_port=free_port()))
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env=trainer_env())
 
 
 def straight_and_resumed(run_events: Callable[[Path], list[dict]],
