@@ -9,6 +9,7 @@
     lens recipe RECIPE [--set k=v]         print the resolved recipe and its hash
     lens rl prompts [RECIPE | --params P] --out DIR   the RL prompt set (the DVC rl_prompts stage)
     lens model info PRESET [--size WxH]    parameters, FLOPs per forward, training memory
+    lens model info RECIPE --plan NODESxGPUS  per-rank memory budget of the recipe
     lens train render RECIPE --target k8s|slurm [--stage pretrain|rl] [--out DIR]
                                            a cluster job for a training stage
     lens generate PROMPT... --model DIR|models:/NAME@ALIAS [--size WxH] [--out DIR]
@@ -322,13 +323,38 @@ def cmd_rl_prompts(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model_plan(args: argparse.Namespace) -> int:
+    from lens_model.memory_plan import plan
+    from lens_model.recipe import load_recipe, parse_pair
+
+    nodes, gpus = parse_pair(args.plan, "--plan", "NODESxGPUS, e.g. 16x8")
+    capacity = None if args.gpu_gib is None else int(args.gpu_gib * 2**30)
+    out = plan(load_recipe(args.preset, args.overrides), nodes, gpus, args.encoder_params,
+               capacity)
+    gib = {k: v / 2**30 for k, v in out["bytes"].items()}
+    verdict = "fits" if out["margin"] >= 0 else "does NOT fit"
+    human = "\n".join([
+        f"{out['recipe']} on {nodes}x{gpus} ({out['precision']}, ZeRO-{out['zero_stage']}, "
+        f"checkpointing {'on' if out['grad_checkpointing'] else 'off'}, features "
+        f"{out['features']}), per rank:",
+        *(f"  {k:13s} {v:7.2f} GiB" for k, v in gib.items()),
+        f"  {'total':13s} {out['total'] / 2**30:7.2f} GiB of {out['capacity'] / 2**30:.0f} GiB: "
+        f"{verdict}, margin {out['margin'] / 2**30:.2f} GiB",
+        f"micro-batch (worst case): {out['micro_batch']['image']} image and "
+        f"{out['micro_batch']['text']} text tokens, {out['micro_batch']['samples']} samples",
+    ])
+    _emit(out, args.json, human)
+    return 0
+
+
 def cmd_model_info(args: argparse.Namespace) -> int:
     from lens_model.flops import info
+    from lens_model.recipe import parse_pair
 
-    try:
-        width, height = (int(v) for v in args.size.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"--size {args.size!r}: expected WIDTHxHEIGHT, e.g. 1024x1024") from None
+    if args.plan:
+        return cmd_model_plan(args)
+
+    width, height = parse_pair(args.size, "--size", "WIDTHxHEIGHT, e.g. 1024x1024")
     out = info(args.preset, width, height, args.text_tokens, args.token_px)
     mem = out["memory_bytes"]
     human = "\n".join([
@@ -455,6 +481,14 @@ def parser() -> argparse.ArgumentParser:
     minfo.add_argument("--text-tokens", type=int, default=256)
     minfo.add_argument("--token-px", type=int, default=16, help="VAE factor x patch size")
     minfo.add_argument("--json", action="store_true")
+    minfo.add_argument("--plan", metavar="NODESxGPUS",
+                       help="per-rank memory of the recipe of this name on NODES x GPUS")
+    _overrides(minfo)
+    minfo.add_argument("--encoder-params", type=int, default=None,
+                       help="with --plan: the text encoder's parameters, where "
+                       "text_encoder.path is not a local folder")
+    minfo.add_argument("--gpu-gib", type=float, default=None,
+                       help="with --plan: GPU memory in GiB (default: launch.gpu_type's)")
     minfo.set_defaults(func=cmd_model_info)
 
     train = sub.add_parser("train", help="training launch helpers")

@@ -41,8 +41,10 @@ PROCESS_POOL, GPU_POOL = "lens-process", "lens-gpu"
 # pool name -> (worker type, base job template under infra/)
 POOLS = {PROCESS_POOL: ("process", "prefect/process.json"),
          GPU_POOL: ("kubernetes", "prefect/kubernetes-gpu.json")}
-GPU_RECIPE = "lens-3.8b"  # the recipe whose PyTorchJob infra/k8s holds and whose node the pool fits
-COMPOSE, PYTORCHJOB = "docker-compose.yml", "k8s/pytorchjob-lens-3.8b.yaml"
+# The recipe whose PyTorchJob infra/k8s holds and whose node the pool fits: lens-3.8b's first
+# stage, the one that starts from nothing.
+GPU_RECIPE = "lens-3.8b-512"
+COMPOSE, PYTORCHJOB = "docker-compose.yml", "k8s/pytorchjob-lens-3.8b-512.yaml"
 # In-cluster names: compose services, and Kubernetes objects.
 K8S = {"mlflow": "lens-mlflow", "prefect": "lens-prefect", "worker": "lens-prefect-worker",
        "config": "lens-config", "secret": "lens-secrets"}

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from lens_model.flow_matching import euler_sample, shift_mu
 from lens_model.text_encoder import TextConnector
-from lens_model.transformer import LensTransformer2DModel
+from lens_model.transformer import LensTransformer2DModel, UnpackedLayout
 
 
 class LensDenoiser(nn.Module):
@@ -32,10 +32,10 @@ class LensDenoiser(nn.Module):
                                 img_position_ids, txt_position_ids)
 
     def velocity(self, latents: Tensor, txt_hidden: Tensor, txt_mask: Tensor,
-                 timestep: Tensor) -> Tensor:
+                 timestep: Tensor, layout: UnpackedLayout | None = None) -> Tensor:
         """Unpacked: latents (B, C, h, w), txt_hidden (B, T, L*D), mask (B, T), t (B,)."""
         txt = self.connector(txt_hidden, txt_mask)
-        return self.transformer.forward_unpacked(latents, txt, txt_mask, timestep)
+        return self.transformer.forward_unpacked(latents, txt, txt_mask, timestep, layout)
 
 
 @torch.no_grad()
@@ -57,9 +57,10 @@ def sample_latents(denoiser: LensDenoiser, cond: tuple[Tensor, Tensor],
         hidden = torch.cat([_pad(cond[0], t_len), _pad(uncond[0], t_len)])
         mask = torch.cat([_pad(cond[1], t_len), _pad(uncond[1], t_len)])
     hidden, mask = hidden.to(device), mask.to(device)
+    layout = denoiser.transformer.unpacked_layout((len(mask), *shape[1:]), mask)
 
     def velocity(x: Tensor, t: Tensor) -> Tensor:
-        return denoiser.velocity(x, hidden, mask, t)
+        return denoiser.velocity(x, hidden, mask, t, layout)
 
     return euler_sample(velocity, noise, steps, mu, guidance, token_dim=1)
 

@@ -172,16 +172,17 @@ def pack_tokens(tokens: list[Tensor], grids: list[tuple[int, int]],
                          f"{budget}; pack fewer samples (pack_by_tokens) or raise the budget")
     channels = tokens[0].shape[1] if tokens else 0
     dtype = tokens[0].dtype if tokens else torch.float32
-    packed = torch.zeros(budget, channels, dtype=dtype)
-    segment_ids = torch.full((budget,), -1, dtype=torch.long)
-    position_ids = torch.zeros(budget, 3, dtype=torch.long)
+    dev = tokens[0].device if tokens else None  # packed where the tokens are: no round trip
+    packed = torch.zeros(budget, channels, dtype=dtype, device=dev)
+    segment_ids = torch.full((budget,), -1, dtype=torch.long, device=dev)
+    position_ids = torch.zeros(budget, 3, dtype=torch.long, device=dev)
     start = 0
     for i, (t, (h, w)) in enumerate(zip(tokens, grids, strict=True)):
         end = start + h * w
         packed[start:end] = t
         segment_ids[start:end] = i
-        position_ids[start:end, 1] = torch.arange(h).repeat_interleave(w)
-        position_ids[start:end, 2] = torch.arange(w).repeat(h)
+        position_ids[start:end, 1] = torch.arange(h, device=dev).repeat_interleave(w)
+        position_ids[start:end, 2] = torch.arange(w, device=dev).repeat(h)
         start = end
     return packed, PackedSequence(segment_ids, position_ids, lengths, list(grids))
 

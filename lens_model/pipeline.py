@@ -49,9 +49,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lens_model import safe_load
 from lens_model.denoiser import _pad  # the padding sample_latents applies
 from lens_model.flow_matching import VelocityFn, flow_sample, shift_mu
-from lens_model.recipe import PretrainSection
+from lens_model.recipe import PretrainSection, parse_pair
 from lens_model.text_encoder import LanguageEncoder, TextConnector
-from lens_model.transformer import LensTransformer2DModel
+from lens_model.transformer import LensTransformer2DModel, UnpackedLayout
 from lens_model.vae import SemanticVAE
 
 DEFAULT_MU_RULE = PretrainSection().mu_rule()  # the recipe's default rule
@@ -73,11 +73,7 @@ class LensPipelineOutput(BaseOutput):
 
 def parse_size(size: str) -> tuple[int, int]:
     """"96x48" -> (96, 48): width x height."""
-    try:
-        w, h = (int(v) for v in size.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"size {size!r}: expected WIDTHxHEIGHT in pixels, e.g. 96x48") from None
-    return w, h
+    return parse_pair(size, "size", "WIDTHxHEIGHT in pixels, e.g. 96x48")
 
 
 def check_aspect(width: int, height: int) -> None:
@@ -431,9 +427,14 @@ class LensPipeline(DiffusionPipeline):
 
     def _velocity_fn(self, feats: Tensor, mask: Tensor) -> VelocityFn:
         dtype = self.transformer.dtype
+        layouts: dict[tuple[int, ...], UnpackedLayout] = {}  # one a latent shape: every step
 
         def velocity(x: Tensor, t: Tensor) -> Tensor:
-            return self.transformer.forward_unpacked(x.to(dtype), feats, mask, t).float()
+            shape = tuple(x.shape)
+            if shape not in layouts:
+                layouts[shape] = self.transformer.unpacked_layout(shape, mask)
+            return self.transformer.forward_unpacked(x.to(dtype), feats, mask, t,
+                                                     layouts[shape]).float()
 
         return velocity
 

@@ -7,6 +7,7 @@ recipe has a stable hash (of its resolved, canonical JSON) that runs log as line
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -32,6 +33,15 @@ def _digest(tree: Any) -> str:
     canonical = json.dumps(tree, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
+
+
+def parse_pair(text: str, what: str, form: str) -> tuple[int, int]:
+    """"96x48" -> (96, 48); the one parser of every AxB argument (sizes, NODESxGPUS)."""
+    try:
+        a, b = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"{what} {text!r}: expected {form}") from None
+    return a, b
 
 class RecipeError(ValueError):
     """A recipe that cannot be used; the message names the key and the fix."""
@@ -140,6 +150,8 @@ class TextEncoderSection(Section):
     path: str = Field("minilm", description="'minilm' (shipped) or a local HF model folder")
     layers: list[int] = Field(default_factory=lambda: [5, 11, 17, 23], min_length=1)
     max_length: int = Field(512, ge=1)
+    dtype: Literal["fp32", "bf16"] = Field("fp32", description="the frozen LM's weights as "
+                                           "loaded: bf16 halves a 20B encoder's memory")
 
 
 class VaeSection(Section):
@@ -149,6 +161,8 @@ class VaeSection(Section):
     path: str | None = Field(None, description="folder of a pretrained AutoencoderKLFlux2")
     latent_channels: int = Field(32, ge=1)
     downsample: int = Field(8, ge=1, description="pixels per latent cell")
+    dtype: Literal["fp32", "bf16"] = Field("fp32", description="a pretrained VAE's weights "
+                                           "when pretraining encodes online (trained: fp32)")
     steps: int = Field(300, ge=1)
     lr: float = Field(1e-3, gt=0)
     decay_frac: float = Field(0.0, ge=0, lt=1, description="linear LR cooldown to 0 over this "
@@ -185,6 +199,14 @@ class PretrainSection(Section):
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = Field(1.0, gt=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
+    ema_device: Literal["same", "cpu"] = Field("same", description="where the fp32 EMA "
+                                               "shadow lives: beside the weights, or in host "
+                                               "memory (4 bytes a parameter off each GPU)")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches a step: "
+                                             "global batch = micro-batch x this x ranks")
+    init_from: str | None = Field(None, description="a recipe whose pretraining this one "
+                                  "continues from its final weights (the paper's stage 2 "
+                                  "after stage 1); trained first if it has not been")
     # Not 3: rank 0 reads whole weights for EMA, sample grids and the saved model. The
     # engine itself trains ZeRO-3 (infra/deepspeed/zero3.json, tests/test_engine.py).
     zero_stage: Literal[0, 1, 2] = 2
@@ -284,9 +306,9 @@ class RLSection(Section):
         if self.min_dimensions > self.max_dimensions:
             raise ValueError("min_dimensions must be <= max_dimensions")
         for size in self.sizes:
-            parts = size.lower().split("x")
-            if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-                raise ValueError(f"rl.sizes entry {size!r} must look like WxH, e.g. 32x32")
+            w, h = parse_pair(size, "rl.sizes entry", "WxH, e.g. 32x32")
+            if w <= 0 or h <= 0:
+                raise ValueError(f"rl.sizes entry {size!r}: both sides must be positive")
         return self
 
 
@@ -563,15 +585,40 @@ def resolve_path(name_or_path: str | Path) -> Path:
                       f"(or pass a path to a .yaml file)")
 
 
-def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Load a recipe by name (``configs/NAME.yaml``) or path, apply overrides, validate."""
-    path = resolve_path(name_or_path)
+def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``over``, nested dicts merged key by key (neither is changed)."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _read_tree(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe file's mapping; ``extends: NAME`` merges it over that recipe's."""
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise RecipeError(f"recipe {path} is not valid YAML: {exc}") from exc
     if not isinstance(tree, dict):
         raise RecipeError(f"recipe {path} must be a mapping of sections, got {type(tree).__name__}")
+    base = tree.pop("extends", None)
+    if base is None:
+        return tree
+    base_path = resolve_path(base)
+    if base_path in (*chain, path):
+        names = " -> ".join(p.stem for p in (*chain, path, base_path))
+        raise RecipeError(f"recipe {path}: 'extends' loops ({names}); make one of them stand "
+                          f"alone")
+    return merged(_read_tree(base_path, (*chain, path)), tree)
+
+
+def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load a recipe by name (``configs/NAME.yaml``) or path, apply overrides, validate."""
+    path = resolve_path(name_or_path)
+    tree = _read_tree(path)
     tree.setdefault("name", path.stem)
     for assignment in overrides or []:
         apply_override(tree, assignment)

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from lens_model.denoiser import LensDenoiser, _pad
 from lens_model.flow_matching import euler_sigmas, flow_sample, shift_mu
+from lens_model.transformer import UnpackedLayout
 
 
 def pad_text(hidden: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -51,10 +52,11 @@ def rollout(denoiser: LensDenoiser, hidden: list[Tensor], sizes: list[tuple[int,
                 empty = states.new_zeros(states.shape)
                 states, mask = torch.cat([states, empty]), torch.cat([mask, mask & False])
             states, mask = states.to(device), mask.to(device)
+            layout = denoiser.transformer.unpacked_layout((len(mask), *noise.shape[1:]), mask)
 
-            def velocity(x: Tensor, t: Tensor, states: Tensor = states,
-                         mask: Tensor = mask) -> Tensor:
-                return denoiser.velocity(x, states, mask, t).float()
+            def velocity(x: Tensor, t: Tensor, states: Tensor = states, mask: Tensor = mask,
+                         layout: UnpackedLayout = layout) -> Tensor:
+                return denoiser.velocity(x, states, mask, t, layout).float()
 
             z = flow_sample(velocity, noise, sigmas, guidance, token_dim=1, order=order)
             for j, i in enumerate(part):

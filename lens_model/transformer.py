@@ -29,10 +29,10 @@ prompt pools to zero) to the timestep embedding that every adaLN reads.
 
 The packed forward is the trainer's API. It takes several samples per row, told apart by
 segment ids (-1 is padding). A token attends only to tokens of its own segment, and padding
-attends only to itself. Each token is modulated by its segment's timestep. Every sample
-therefore computes exactly what it would compute alone. The mask is dense (L x L), so
-masked-out pairs still cost attention FLOPs; ``flops.py`` counts only the per-sample
-(block-diagonal) work.
+attends only to itself (``attention.py``: no dense mask outside the reference kernel). Each
+token is modulated by its segment's timestep, broadcast from (B, S, W) inside one op, never
+kept per token. Every sample therefore computes exactly what it would compute alone;
+``flops.py`` counts the per-sample (block-diagonal) work.
 
 After ``enable_gradient_checkpointing()``, each block is recomputed in backward whenever
 autograd is recording (diffusers' convention), so in train and eval mode alike.
@@ -41,6 +41,8 @@ autograd is recording (diffusers' convention), so in train and eval mode alike.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +50,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 
+from lens_model.attention import AttentionPlan, Kernel, attend, plan_attention
 from lens_model.config import TIME_FREQ_DIM, TransformerConfig, get_preset
 
 TIME_SCALE = 1000.0  # t in [0, 1] is embedded as 1000 t
@@ -104,9 +107,10 @@ def pack_text(features: list[Tensor], budget: int) -> tuple[Tensor, Tensor, Tens
                          f"budget of {budget}; raise the budget or pack fewer samples")
     dim = features[0].shape[-1] if features else 0
     dtype = features[0].dtype if features else torch.float32
-    tokens = torch.zeros(budget, dim, dtype=dtype)
-    segment_ids = torch.full((budget,), -1, dtype=torch.long)
-    position_ids = torch.zeros(budget, 3, dtype=torch.long)
+    dev = features[0].device if features else None
+    tokens = torch.zeros(budget, dim, dtype=dtype, device=dev)
+    segment_ids = torch.full((budget,), -1, dtype=torch.long, device=dev)
+    position_ids = torch.zeros(budget, 3, dtype=torch.long, device=dev)
     start = 0
     for i, f in enumerate(features):
         if f.ndim != 2 or f.shape[1] != dim:
@@ -115,7 +119,7 @@ def pack_text(features: list[Tensor], budget: int) -> tuple[Tensor, Tensor, Tens
         end = start + f.shape[0]
         tokens[start:end] = f
         segment_ids[start:end] = i
-        position_ids[start:end, 0] = torch.arange(1, f.shape[0] + 1)
+        position_ids[start:end, 0] = torch.arange(1, f.shape[0] + 1, device=dev)
         start = end
     return tokens, segment_ids, position_ids
 
@@ -140,62 +144,6 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out.flatten(-2).type_as(x)
 
 
-def segment_mask(segment_ids: Tensor) -> Tensor:
-    """(B, L) segment ids -> (B, 1, L, L) bool: same segment (>= 0), or the token itself."""
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    real = (segment_ids >= 0)[:, :, None]
-    eye = torch.eye(segment_ids.shape[1], dtype=torch.bool, device=segment_ids.device)
-    return ((same & real) | eye)[:, None]
-
-
-SEGMENT_ROUND = 16  # segment lengths round up to this, so few batched attention calls remain
-# Per group of segments of one rounded length: (row, position) of each of its n slots as
-# (k,) rows and (k, n) positions, and (k, n) which slots are real (the rest pad the group).
-Segments = list[tuple[Tensor, Tensor, Tensor]]
-
-
-def segment_index(segment_ids: Tensor) -> tuple[Segments, Tensor]:
-    """Segments grouped by length rounded up to ``SEGMENT_ROUND``, and the (row, position)
-    pairs of padding tokens. Computed once per forward, shared by every block."""
-    by_len: dict[int, list[tuple[int, Tensor]]] = {}
-    for row, ids in enumerate(segment_ids):
-        for seg in torch.unique(ids[ids >= 0]).tolist():
-            pos = (ids == seg).nonzero().squeeze(1)
-            by_len.setdefault(-(-len(pos) // SEGMENT_ROUND) * SEGMENT_ROUND, []).append((row, pos))
-    groups: Segments = []
-    for n, members in sorted(by_len.items()):
-        rows = torch.tensor([r for r, _ in members], device=segment_ids.device)
-        idx = torch.zeros((len(members), n), dtype=torch.long, device=segment_ids.device)
-        real = torch.zeros((len(members), n), dtype=torch.bool, device=segment_ids.device)
-        for j, (_, pos) in enumerate(members):
-            idx[j, :len(pos)], real[j, :len(pos)] = pos, True
-        groups.append((rows, idx, real))
-    return groups, (segment_ids < 0).nonzero()  # (P, 2)
-
-
-def segment_attention(q: Tensor, k: Tensor, v: Tensor, index: tuple[Segments, Tensor]) -> Tensor:
-    """Attention within each segment only: what the block-diagonal mask computes, at the cost
-    of sum(n_i^2) instead of L^2, in one batched call per group of similar-length segments.
-    q (B, H, Lq, D), k/v (B, H, L, D) -> (B, H, Lq, D). A padding query attends to itself
-    alone, so its output is its own value."""
-    groups, pads = index
-    lq = q.shape[2]  # the last block queries image tokens only: positions < lq
-    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # (B, L, H, D)
-    out = qt.new_zeros(qt.shape)
-    for rows, idx, real in groups:
-        r = rows[:, None].expand_as(idx)
-        qs = qt[r, idx.clamp(max=lq - 1)]  # (k, n, H, D); rows past lq are computed, not kept
-        res = F.scaled_dot_product_attention(qs.transpose(1, 2), kt[r, idx].transpose(1, 2),
-                                             vt[r, idx].transpose(1, 2),
-                                             attn_mask=real[:, None, None, :])  # (k, H, n, D)
-        keep = real & (idx < lq)
-        out = out.index_put((r[keep], idx[keep]), res.transpose(1, 2)[keep])
-    pads = pads[pads[:, 1] < lq]
-    if len(pads):
-        out = out.index_put((pads[:, 0], pads[:, 1]), vt[pads[:, 0], pads[:, 1]])
-    return out.transpose(1, 2)
-
-
 def timestep_embedding(t: Tensor, dim: int = TIME_FREQ_DIM, max_period: float = 10000.0) -> Tensor:
     """(...,) t in [0, 1] -> (..., dim) sinusoids [cos | sin] of 1000 t."""
     half = dim // 2
@@ -205,15 +153,62 @@ def timestep_embedding(t: Tensor, dim: int = TIME_FREQ_DIM, max_period: float = 
     return torch.cat([args.cos(), args.sin()], dim=-1)
 
 
-def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return x * (1 + scale) + shift
-
-
-def _per_token(mod: Tensor, index: Tensor | None) -> Tensor:
-    """(B, S, K) per-segment values -> (B, L, K) per token; ``index`` None: one segment."""
-    if index is None:
-        return mod  # (B, 1, K) broadcasts over tokens
+def _spread(mod: Tensor, index: Tensor) -> Tensor:
+    """(B, S, W) per-segment values -> (B, L, W) per token, a temporary of one op."""
     return mod.gather(1, index[..., None].expand(-1, -1, mod.shape[-1]))
+
+
+def _segment_sums(values: Tensor, index: Tensor, segments: int) -> Tensor:
+    """(B, L, W) per token -> (B, S, W) summed per segment: the gradient of :func:`_spread`."""
+    out = values.new_zeros(values.shape[0], segments, values.shape[-1])
+    return out.scatter_add_(1, index[..., None].expand_as(values), values)
+
+
+class _Modulate(torch.autograd.Function):
+    """x * (1 + scale[seg]) + shift[seg] for per-segment (B, S, W) shift and scale. Backward
+    keeps x, the (B, L) index and the (B, S, W) scale: the per-token (B, L, W) copies exist
+    only inside one op, never among what autograd keeps (6 W a token a stream in all)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, shift: Tensor, scale: Tensor, index: Tensor) -> Tensor:
+        ctx.save_for_backward(x, scale, index)
+        return torch.addcmul(_spread(shift, index), x, 1 + _spread(scale, index))
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
+        x, scale, index = ctx.saved_tensors
+        s = scale.shape[1]
+        return (grad * (1 + _spread(scale, index)), _segment_sums(grad, index, s),
+                _segment_sums(grad * x, index, s), None)
+
+
+class _Gate(torch.autograd.Function):
+    """x + gate[seg] * h for a per-segment (B, S, W) gate; keeps h, the index and the gate."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, gate: Tensor, h: Tensor, index: Tensor) -> Tensor:
+        ctx.save_for_backward(gate, h, index)
+        return torch.addcmul(x, _spread(gate, index), h)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
+        gate, h, index = ctx.saved_tensors
+        return (grad, _segment_sums(grad * h, index, gate.shape[1]),
+                grad * _spread(gate, index), None)
+
+
+def _modulate(x: Tensor, shift: Tensor, scale: Tensor, index: Tensor | None) -> Tensor:
+    """adaLN: ``index`` None: one segment a row, (B, 1, W) shift and scale broadcast."""
+    if index is None:
+        return x * (1 + scale) + shift
+    return _Modulate.apply(x, shift, scale, index)
+
+
+def _gated(x: Tensor, gate: Tensor, h: Tensor, index: Tensor | None) -> Tensor:
+    """The gated residual x + gate * h, per segment as :func:`_modulate`."""
+    if index is None:
+        return x + gate * h
+    return _Gate.apply(x, gate, h, index)
 
 
 def segment_mean(tokens: Tensor, segment_ids: Tensor, segments: int) -> Tensor:
@@ -223,6 +218,17 @@ def segment_mean(tokens: Tensor, segment_ids: Tensor, segments: int) -> Tensor:
     onehot = onehot.to(tokens.dtype)  # (B, L, S)
     count = onehot.sum(dim=1).unsqueeze(-1).clamp(min=1)  # (B, S, 1)
     return onehot.transpose(1, 2) @ tokens / count
+
+
+@dataclass(frozen=True)
+class UnpackedLayout:
+    """What ``forward_unpacked`` feeds the packed forward besides the tokens."""
+
+    img_seg: Tensor
+    txt_seg: Tensor
+    img_pos: Tensor
+    txt_pos: Tensor
+    attention: AttentionPlan
 
 
 class SwiGLU(nn.Module):
@@ -257,25 +263,26 @@ class Stream(nn.Module):
             self.norm2 = nn.RMSNorm(w, eps=cfg.eps, elementwise_affine=False)
             self.mlp = SwiGLU(w, cfg.mlp_hidden)
 
-    def modulation(self, temb: Tensor, index: Tensor | None) -> list[Tensor]:
-        """Per-token (shift, scale[, gate, shift2, scale2, gate2]), each (B, L or 1, W)."""
-        return list(_per_token(self.mod(temb), index).chunk(2 if self.pre_only else 6, dim=-1))
+    def modulation(self, temb: Tensor) -> list[Tensor]:
+        """Per-segment (shift, scale[, gate, shift2, scale2, gate2]), each (B, S, W)."""
+        return list(self.mod(temb).chunk(2 if self.pre_only else 6, dim=-1))
 
-    def qkv_heads(self, x: Tensor, shift: Tensor,
-                  scale: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:
+    def qkv_heads(self, x: Tensor, shift: Tensor, scale: Tensor,
+                  index: Tensor | None) -> tuple[Tensor | None, Tensor, Tensor]:
         """(B, L, W) -> q, k, v of shape (B, H, L, D), q and k RMS-normed; q None if pre-only."""
-        h = _modulate(self.norm1(x), shift, scale)
+        h = _modulate(self.norm1(x), shift, scale, index)
         parts = self.qkv(h).unflatten(-1, (-1, self.heads, x.shape[-1] // self.heads))
         parts = parts.permute(2, 0, 3, 1, 4)  # (2 or 3, B, H, L, D)
         if self.pre_only:
             return None, self.k_norm(parts[0]), parts[1]
         return self.q_norm(parts[0]), self.k_norm(parts[1]), parts[2]
 
-    def finish(self, x: Tensor, attn: Tensor, mod: list[Tensor]) -> Tensor:
+    def finish(self, x: Tensor, attn: Tensor, mod: list[Tensor],
+               index: Tensor | None) -> Tensor:
         """Gated residual attention output, then the gated residual MLP; (B, L, W)."""
         _, _, gate1, shift2, scale2, gate2 = mod
-        x = x + gate1 * self.out(attn)
-        return x + gate2 * self.mlp(_modulate(self.norm2(x), shift2, scale2))
+        x = _gated(x, gate1, self.out(attn), index)
+        return _gated(x, gate2, self.mlp(_modulate(self.norm2(x), shift2, scale2, index)), index)
 
 
 class JointBlock(nn.Module):
@@ -288,26 +295,20 @@ class JointBlock(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor, temb: Tensor, img_index: Tensor | None,
                 txt_index: Tensor | None, cos: Tensor, sin: Tensor,
-                mask: Tensor | tuple[Segments, Tensor] | None) -> tuple[Tensor, Tensor | None]:
+                plan: AttentionPlan) -> tuple[Tensor, Tensor | None]:
         """x (B, Li, W), c (B, Lt, W), temb (B, S, W) -> updated x, c (None after the last)."""
-        mod_x = self.img.modulation(temb, img_index)
-        mod_c = self.txt.modulation(temb, txt_index)
-        qi, ki, vi = self.img.qkv_heads(x, mod_x[0], mod_x[1])
-        qt, kt, vt = self.txt.qkv_heads(c, mod_c[0], mod_c[1])
+        mod_x, mod_c = self.img.modulation(temb), self.txt.modulation(temb)
+        qi, ki, vi = self.img.qkv_heads(x, mod_x[0], mod_x[1], img_index)
+        qt, kt, vt = self.txt.qkv_heads(c, mod_c[0], mod_c[1], txt_index)
         q = qi if qt is None else torch.cat([qi, qt], dim=2)  # (B, H, Lq, D), Lq = Li [+ Lt]
         lq = q.shape[2]
         q = apply_rope(q, cos[:, :, :lq], sin[:, :, :lq])
         k = apply_rope(torch.cat([ki, kt], dim=2), cos, sin)  # (B, H, Li+Lt, D)
         v = torch.cat([vi, vt], dim=2)
-        if isinstance(mask, tuple):  # per-segment index: exact and sparse
-            attn = segment_attention(q, k, v, mask)
-        else:
-            mask = None if mask is None else mask[:, :, :lq]
-            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        attn = attn.transpose(1, 2).flatten(2)  # (B, Lq, W)
+        attn = attend(q, k, v, plan).transpose(1, 2).flatten(2)  # (B, Lq, W)
         attn_x, attn_c = attn[:, :x.shape[1]], attn[:, x.shape[1]:]
-        x = self.img.finish(x, attn_x, mod_x)
-        c = None if self.txt.pre_only else self.txt.finish(c, attn_c, mod_c)
+        x = self.img.finish(x, attn_x, mod_x, img_index)
+        c = None if self.txt.pre_only else self.txt.finish(c, attn_c, mod_c, txt_index)
         return x, c
 
 
@@ -322,7 +323,7 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin):
                  axes_dims: tuple[int, int, int] = (8, 12, 12), rope_theta: float = 10000.0,
                  qk_norm: bool = True, eps: float = 1e-6, pooled_text: bool = False) -> None:
         super().__init__()
-        self.dense_mask = False  # True: packed rows use the dense block-diagonal mask instead
+        self.attention_kernel: Kernel = "auto"  # attention.plan_attention's choice of kernel
         cfg = TransformerConfig(depth=depth, width=width, heads=heads, mlp_hidden=mlp_hidden,
                                 in_channels=in_channels, patch_size=patch_size,
                                 text_dim=text_dim, axes_dims=tuple(axes_dims),
@@ -363,32 +364,26 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin):
 
     def forward(self, img_tokens: Tensor, txt_tokens: Tensor, timestep: Tensor,
                 img_segment_ids: Tensor, txt_segment_ids: Tensor, img_position_ids: Tensor,
-                txt_position_ids: Tensor) -> Tensor:
+                txt_position_ids: Tensor, attention: AttentionPlan | None = None) -> Tensor:
         """Packed forward: (B, Li, p*p*C) image tokens -> (B, Li, p*p*C) velocity.
 
         txt_tokens (B, Lt, text_dim); timestep (B, S) in [0, 1], one per segment;
         segment ids (B, Li) / (B, Lt) long, -1 for padding; position ids (B, L, 3).
+        ``attention``: the batch's plan from ``self.plan(...)``, built where the batch is (a
+        sampler builds it once for all its steps); then nothing here reads a value back to
+        the host. Without one, the values are checked and a plan is built here.
         """
-        self._check_inputs(img_tokens, txt_tokens, timestep, img_segment_ids, txt_segment_ids,
+        self._check_shapes(img_tokens, txt_tokens, timestep, img_segment_ids, txt_segment_ids,
                            img_position_ids, txt_position_ids)
+        if attention is None:
+            attention = self.plan(img_segment_ids, txt_segment_ids, timestep)
         x = self.img_in(img_tokens)  # (B, Li, W)
         c = self.txt_in(txt_tokens)  # (B, Lt, W)
         temb = self.time_mlp(timestep_embedding(timestep).to(x.dtype))  # (B, S, W)
         if self.text_pool is not None:
             temb = temb + self.text_pool(segment_mean(c, txt_segment_ids, timestep.shape[1]))
         temb = F.silu(temb)  # every adaLN linear reads silu(temb)
-        segments = torch.cat([img_segment_ids, txt_segment_ids], dim=1)  # (B, L)
         one_segment = timestep.shape[1] == 1
-        # One sample per row and no padding: no mask, so SDPA may pick a fused kernel.
-        unmasked = one_segment and not segments.is_meta and bool((segments >= 0).all())
-        # Several samples per row: attend within each one (sum of n_i^2 work). The dense
-        # block-diagonal mask is kept for meta tensors (FLOP counting) and as the reference.
-        if unmasked:
-            mask = None
-        elif segments.is_meta or self.dense_mask:
-            mask = segment_mask(segments)
-        else:
-            mask = segment_index(segments)
         cfg = self.transformer_config
         cos, sin = rope_angles(torch.cat([img_position_ids, txt_position_ids], dim=1),
                                cfg.axes_dims, cfg.rope_theta)  # (B, 1, L, D/2) each
@@ -396,34 +391,64 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin):
         img_index = None if one_segment else img_segment_ids.clamp(min=0)
         txt_index = None if one_segment else txt_segment_ids.clamp(min=0)
         for block in self.blocks:
-            args = (x, c, temb, img_index, txt_index, cos, sin, mask)
+            args = (x, c, temb, img_index, txt_index, cos, sin, attention)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 x, c = self._gradient_checkpointing_func(block, *args)
             else:
                 x, c = block(*args)
-        shift, scale = _per_token(self.final_mod(temb), img_index).chunk(2, dim=-1)
-        return self.proj_out(_modulate(self.norm_out(x), shift, scale))  # (B, Li, p*p*C)
+        shift, scale = self.final_mod(temb).chunk(2, dim=-1)
+        return self.proj_out(_modulate(self.norm_out(x), shift, scale, img_index))
+
+    def unpacked_layout(self, latent_shape: tuple[int, ...], text_mask: Tensor) -> UnpackedLayout:
+        """Ids, positions and attention plan of one sample a row of ``latent_shape``
+        (B, C, H, W) beside text under ``text_mask`` (B, T): what every step of a sampler
+        shares, built once."""
+        b, _, h, w = latent_shape
+        p, dev = self.transformer_config.patch_size, text_mask.device
+        img_seg = torch.zeros(b, (h // p) * (w // p), dtype=torch.long, device=dev)
+        txt_seg = torch.where(text_mask.bool(), 0, -1)
+        return UnpackedLayout(img_seg, txt_seg,
+                              image_position_ids(h // p, w // p, dev).expand(b, -1, -1),
+                              text_position_ids(text_mask.bool()), self.plan(img_seg, txt_seg))
 
     def forward_unpacked(self, latents: Tensor, text: Tensor, text_mask: Tensor,
-                         timestep: Tensor) -> Tensor:
-        """(B, C, H, W) latents, (B, T, text_dim) text, (B, T) bool mask, (B,) t -> (B, C, H, W)."""
+                         timestep: Tensor, layout: UnpackedLayout | None = None) -> Tensor:
+        """(B, C, H, W) latents, (B, T, text_dim) text, (B, T) bool mask, (B,) t -> (B, C, H, W);
+        ``layout``: ``unpacked_layout``'s, shared by a sampler's steps."""
         if latents.ndim != 4 or text.ndim != 3 or text_mask.shape != text.shape[:2]:
             raise ValueError(f"forward_unpacked wants latents (B, C, H, W), text (B, T, D) and "
                              f"text_mask (B, T); got {tuple(latents.shape)}, "
                              f"{tuple(text.shape)}, {tuple(text_mask.shape)}")
         b, ch, h, w = latents.shape
         p = self.transformer_config.patch_size
-        img = patchify(latents, p)  # (B, N, p*p*C)
-        img_seg = torch.zeros(img.shape[:2], dtype=torch.long, device=latents.device)
-        txt_seg = torch.where(text_mask.bool(), 0, -1)
-        img_pos = image_position_ids(h // p, w // p, latents.device).expand(b, -1, -1)
-        txt_pos = text_position_ids(text_mask.bool())
-        out = self.forward(img, text, timestep.reshape(b, 1), img_seg, txt_seg, img_pos, txt_pos)
+        if layout is None:
+            layout = self.unpacked_layout(tuple(latents.shape), text_mask)
+        out = self.forward(patchify(latents, p), text, timestep.reshape(b, 1), layout.img_seg,
+                           layout.txt_seg, layout.img_pos, layout.txt_pos, layout.attention)
         return unpatchify(out, ch, h, w, p)
 
-    def _check_inputs(self, img: Tensor, txt: Tensor, t: Tensor, img_seg: Tensor,
+    def plan(self, img_segment_ids: Tensor, txt_segment_ids: Tensor,
+             timestep: Tensor | None = None) -> AttentionPlan:
+        """Check a batch's segment ids (and timesteps, where given) and plan its attention:
+        once per batch, where it is built, so ``forward`` reads nothing back to the host."""
+        img_seg, txt_seg, t = img_segment_ids, txt_segment_ids, timestep
+        if img_seg.is_floating_point() or txt_seg.is_floating_point():
+            raise ValueError("segment ids must be integer tensors (long), -1 for padding")
+        meta = img_seg.is_meta or txt_seg.is_meta or (t is not None and t.is_meta)
+        if not meta:  # meta tensors (FLOP counting) hold no values
+            top = max(int(img_seg.max()) if img_seg.numel() else -1,
+                      int(txt_seg.max()) if txt_seg.numel() else -1)
+            if t is not None and top >= t.shape[1]:
+                raise ValueError(f"segment id {top} has no timestep: timestep has {t.shape[1]} "
+                                 f"per row; pass one timestep per segment")
+            if t is not None and t.numel() and (float(t.min()) < 0 or float(t.max()) > 1):
+                raise ValueError(f"timestep must lie in [0, 1], got [{float(t.min()):.4g}, "
+                                 f"{float(t.max()):.4g}]; pass t, not 1000 t")
+        return plan_attention(img_seg, txt_seg, self.attention_kernel)
+
+    def _check_shapes(self, img: Tensor, txt: Tensor, t: Tensor, img_seg: Tensor,
                       txt_seg: Tensor, img_pos: Tensor, txt_pos: Tensor) -> None:
-        """Shape and range checks with the offending argument named."""
+        """Shape checks with the offending argument named (shapes only: no host sync)."""
         cfg = self.transformer_config
         b = img.shape[0]
         expect = {"img_tokens": (img, (b, img.shape[1], cfg.patch_dim)),
@@ -437,15 +462,3 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin):
             if tuple(tensor.shape) != shape:
                 raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape} "
                                  f"(B={b}, patch dim {cfg.patch_dim}, text_dim {cfg.text_dim})")
-        if img_seg.is_floating_point() or txt_seg.is_floating_point():
-            raise ValueError("segment ids must be integer tensors (long), -1 for padding")
-        if t.is_meta or img_seg.is_meta or txt_seg.is_meta:
-            return  # shapes only: meta tensors (FLOP counting) hold no values
-        top = max(int(img_seg.max()) if img_seg.numel() else -1,
-                  int(txt_seg.max()) if txt_seg.numel() else -1)
-        if top >= t.shape[1]:
-            raise ValueError(f"segment id {top} has no timestep: timestep has {t.shape[1]} "
-                             f"per row; pass one timestep per segment")
-        if t.numel() and (float(t.min()) < 0 or float(t.max()) > 1):
-            raise ValueError(f"timestep must lie in [0, 1], got [{float(t.min()):.4g}, "
-                             f"{float(t.max()):.4g}]; pass t, not 1000 t")

@@ -20,7 +20,7 @@ from prefect import get_run_logger, task
 
 import mlflow
 from lens_model import atomic, defaults
-from lens_model.recipe import Recipe
+from lens_model.recipe import Recipe, load_recipe
 from lens_model.train.launch import torchrun_cmd
 from tasks import tracking
 from tasks.event_stream import run_streaming
@@ -86,21 +86,33 @@ def under_gpu_tag(stage: Any, recipe: Recipe, *args: Any, **kwargs: Any) -> Any:
     return stage.with_options(tags=stage.tags | tags)(recipe, *args, **kwargs)
 
 
-def pretrain(recipe: Recipe, *args: Any, **kwargs: Any) -> Any:
-    """Call :func:`pretrain_task` under its recipe's GPU tag."""
-    return under_gpu_tag(pretrain_task, recipe, *args, **kwargs)
+def pretrain(recipe: Recipe, dataset: str, vae: str, dvc_hash: str, parent_run_id: str = "",
+             **options: Any) -> Any:
+    """Call :func:`pretrain_task` under its recipe's GPU tag. With ``pretrain.init_from`` the
+    named recipe's pretraining runs first (or is reused) and this one starts from its final
+    weights: the paper's two stages, 512^2 then mixed resolutions."""
+    init = ""
+    if recipe.pretrain.init_from:
+        first = pretrain(load_recipe(recipe.pretrain.init_from), dataset, vae, dvc_hash,
+                         parent_run_id)
+        init = first.model_dir
+    return under_gpu_tag(pretrain_task, recipe, dataset, vae, dvc_hash, parent_run_id, init,
+                         **options)
 
 
 @task(name="pretrain", retries=1, retry_delay_seconds=5)
 def pretrain_task(recipe: Recipe, dataset: str, vae: str, dvc_hash: str,
-                  parent_run_id: str = "") -> TrainedJob:
-    """Train, streaming losses, the compute ledger and sample grids into one MLflow run."""
-    job = job_name(recipe, dvc_hash)
+                  parent_run_id: str = "", init: str = "") -> TrainedJob:
+    """Train, streaming losses, the compute ledger and sample grids into one MLflow run;
+    from ``init`` (a final/ folder) when given."""
+    # A second stage's job is also that of its starting weights.
+    job = from_model_job_name("pretrain", recipe, recipe.train_hash(), dvc_hash, init) \
+        if init else job_name(recipe, dvc_hash)
     run_dir = defaults.lens_home() / "runs" / job
     params = run_dir / "recipe.yaml"
     atomic.write_text(params, recipe.to_yaml())
     args = ["--params", str(params), "--dataset", dataset, "--vae", vae,
-            "--run-dir", str(run_dir)]
+            "--run-dir", str(run_dir), *(["--init", init] if init else [])]
     tags = tracking.lineage(recipe, dvc_hash, parent_run_id) | {"lens.stage": "pretrain"}
     logged = {k: v for k, v in recipe.flat().items()
               if k.split(".")[0] in ("model", "text_encoder", "vae", "pretrain", "launch",

@@ -42,8 +42,7 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
 def test_ds_config_fills_the_stage_template_then_overrides() -> None:
     cfg = TrainConfig(lr=1e-3, betas=(0.8, 0.95), weight_decay=0.1, grad_clip=0.7,
                       zero_stage=2, precision="bf16")
-    ds = build_ds_config(cfg, {"gradient_accumulation_steps": 4,
-                               "zero_optimization": {"reduce_bucket_size": 1000}})
+    ds = build_ds_config(cfg, {"zero_optimization": {"reduce_bucket_size": 1000}})
     assert ds["zero_optimization"]["stage"] == 2
     assert ds["zero_optimization"]["reduce_bucket_size"] == 1000
     assert ds["zero_optimization"]["overlap_comm"] is True  # kept from zero2.json
@@ -51,7 +50,8 @@ def test_ds_config_fills_the_stage_template_then_overrides() -> None:
         "lr": 1e-3, "betas": [0.8, 0.95], "eps": 1e-8, "weight_decay": 0.1,
         "torch_adam": True, "adam_w_mode": True}}
     assert ds["gradient_clipping"] == 0.7 and ds["bf16"] == {"enabled": True}
-    assert ds["gradient_accumulation_steps"] == 4 and "scheduler" not in ds
+    assert ds["gradient_accumulation_steps"] == 1 and "scheduler" not in ds
+    assert build_ds_config(TrainConfig(grad_accum=4))["gradient_accumulation_steps"] == 4
     for stage in range(4):
         got = build_ds_config(TrainConfig(zero_stage=stage, ema_decay=None))
         assert got["zero_optimization"]["stage"] == stage
@@ -60,7 +60,8 @@ def test_ds_config_fills_the_stage_template_then_overrides() -> None:
 
 @pytest.mark.parametrize("field,value", [("lr", 0.0), ("zero_stage", 4), ("precision", "fp16"),
                                          ("ema_decay", 1.0), ("betas", (0.9, 1.2)),
-                                         ("keep_last", 0), ("ckpt_every", 0)])
+                                         ("keep_last", 0), ("ckpt_every", 0),
+                                         ("grad_accum", 0), ("ema_device", "gpu")])
 def test_train_config_names_the_bad_field(field: str, value: Any) -> None:
     with pytest.raises(ValueError, match=f"TrainConfig.{field}"):
         TrainConfig(**{field: value})
@@ -78,6 +79,9 @@ def test_contradicting_ds_config_and_missing_method_are_refused() -> None:
     with pytest.raises(ValueError, match="zero_optimization.stage"):
         Trainer(TinyNet(), mse_loss, cfg, build_ds_config(cfg, {"zero_optimization": {
             "stage": 1}}))
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        Trainer(TinyNet(), mse_loss, cfg, build_ds_config(cfg, {
+            "gradient_accumulation_steps": 2}))
     with pytest.raises(ValueError, match="scheduler"):
         Trainer(TinyNet(), mse_loss, cfg, build_ds_config(cfg, {"scheduler": {
             "type": "WarmupLR"}}))
@@ -140,6 +144,41 @@ def test_ema_swap_restores_and_file_round_trips(tmp_path: Path) -> None:
     _same(other.shadow, ema.shadow)
     with pytest.raises(ValueError, match="missing"):
         EMA(nn.Linear(8, 1), 0.5).load(tmp_path / "ema.safetensors")
+
+
+def test_ema_on_the_host_follows_a_bf16_model_tensor_by_tensor() -> None:
+    """A shadow on ``device`` (the CPU beside a GPU model) matches the one beside the weights,
+    and a bf16 model's update casts one parameter at a time: no second full fp32 copy of the
+    model is ever alive."""
+    import weakref
+
+    torch.manual_seed(0)
+    model = TinyNet().to(torch.bfloat16)
+    here, host = EMA(model, decay=0.5), EMA(model, decay=0.5, device="cpu")
+    casts: list[weakref.ref] = []
+    most_alive = 0
+    real_to = torch.Tensor.to
+
+    def counting_to(self, *args, **kwargs):
+        nonlocal most_alive
+        out = real_to(self, *args, **kwargs)
+        if out.dtype == torch.float32 and self.dtype == torch.bfloat16:
+            casts.append(weakref.ref(out))
+            most_alive = max(most_alive, sum(r() is not None for r in casts))
+        return out
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    torch.Tensor.to = counting_to  # type: ignore[method-assign]
+    try:
+        host.update(model)
+    finally:
+        torch.Tensor.to = real_to  # type: ignore[method-assign]
+    here.update(model)
+    _same(here.shadow, host.shadow)
+    assert all(t.device.type == "cpu" for t in host.shadow.values())
+    assert len(casts) == len(list(model.parameters())) > 1 and most_alive == 1
 
 
 # --- checkpoint folders and RNG (no DeepSpeed engine) -----------------------------------------
@@ -326,9 +365,7 @@ def test_bf16_zero2_with_checkpointing_trains(tmp_path: Path) -> None:
 
 
 def test_gradient_accumulation_takes_several_batches_per_step() -> None:
-    cfg = config(None, ema_decay=None)
-    trainer = Trainer(TinyNet(), mse_loss, cfg,
-                      build_ds_config(cfg, {"gradient_accumulation_steps": 3}))
+    trainer = Trainer(TinyNet(), mse_loss, config(None, ema_decay=None, grad_accum=3))
     batches = RandomBatches(seed=3)
     assert trainer.fit(batches, 2) == 2 and batches.index == 6
     assert trainer.engine.global_steps == 2

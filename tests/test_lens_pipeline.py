@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -188,11 +189,12 @@ def test_empty_negative_is_masked_zeros_and_cfg_off_at_one(pipe: LensPipeline,
     forward = pipe.transformer.forward_unpacked
 
     def spy(latents: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
-            t: torch.Tensor) -> torch.Tensor:
+            t: torch.Tensor, layout: Any = None) -> torch.Tensor:
         seen.append(len(latents))
         if len(latents) == 4:  # CFG: rows 2, 3 are the empty negative prompt
             assert not text[2:].any() and not text_mask[2:].any()
-        return forward(latents, text, text_mask, t)
+            assert (layout.txt_seg[2:] == -1).all()  # the shared layout masks them too
+        return forward(latents, text, text_mask, t, layout)
 
     monkeypatch.setattr(pipe.transformer, "forward_unpacked", spy)
     _latents(pipe, PROMPTS, seed=0, guidance_scale=5.0)

@@ -198,6 +198,34 @@ def test_the_program_resumed_at_half_matches_the_straight_run(parts, tmp_path, n
     assert checkpoints == ["checkpoints/step-00000002", "checkpoints/step-00000004"]
 
 
+def test_a_second_stage_starts_from_the_first_and_counts_every_micro_batch(parts,
+                                                                          tmp_path) -> None:
+    """--init loads the first stage's final/ before training (at a vanishing LR the second
+    stage ends where it started); accumulating two micro-batches a step, the ledger counts
+    twice the images of one; a model of another shape is refused by name."""
+    first = tmp_path / "first"
+    program_events("pretrain", _args(parts, first, 1, "pretrain.steps=2"), first)
+    second = tmp_path / "second"
+    events = program_events("pretrain", [*_args(parts, second, 1, "pretrain.steps=2",
+                                                 "pretrain.lr=1e-12", "pretrain.warmup_steps=0",
+                                                 "pretrain.gradient_accumulation_steps=2"),
+                                         "--init", str(first / "final")], second)
+    a, b = _weights(first), _weights(second)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    single = program_events("pretrain", _args(parts, tmp_path / "one", 1, "pretrain.steps=2"),
+                            tmp_path / "one")
+
+    def images(evts: list[dict]) -> float:
+        return [e["metrics"]["compute/images_total"] for e in evts
+                if "compute/images_total" in e.get("metrics", {})][-1]
+
+    assert images(events) > images(single) > 0  # two loader batches a step, not one
+    other = tmp_path / "other"
+    with pytest.raises(ValueError, match="does not fit this recipe's model"):
+        program_events("pretrain", [*_args(parts, other, 1, "model.pooled_text=false"),
+                                    "--init", str(first / "final")], other)
+
+
 def test_the_program_refuses_a_device_the_accelerator_is_not(parts, tmp_path) -> None:
     run = tmp_path / "run"
     with pytest.raises(SystemExit, match="launch.device is 'cuda' but DeepSpeed's accelerator "

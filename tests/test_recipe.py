@@ -12,7 +12,7 @@ from lens_model.buckets import assign_bucket, buckets_for, fit_to_bucket, make_b
 from lens_model.recipe import ASPECT_RATIOS_1_2_TO_2_1, RecipeError, load_recipe
 
 
-@pytest.mark.parametrize("name", ["tiny", "toy", "lens-3.8b"])
+@pytest.mark.parametrize("name", ["tiny", "toy", "lens-3.8b", "lens-3.8b-512"])
 def test_shipped_recipes_load_with_stable_hash(name: str) -> None:
     a, b = load_recipe(name), load_recipe(name)
     assert a.name == name and a.hash() == b.hash() and len(a.hash()) == 12
@@ -141,3 +141,19 @@ def test_the_distill_section_changes_only_the_turbo_hash() -> None:
     base, other = load_recipe("tiny"), load_recipe("tiny", ["distill.ttur=3"])
     assert base.train_hash() == other.train_hash() and base.rl_hash() == other.rl_hash()
     assert base.distill_hash() != other.distill_hash()
+
+
+def test_the_paper_stages_are_two_recipes_the_second_from_the_first(tmp_path) -> None:
+    """lens-3.8b-512 extends lens-3.8b: 512^2 at LR 2e-4; lens-3.8b continues from it over
+    the 27 buckets at LR 1e-4. ``extends`` merges section by section; a loop is refused."""
+    first, second = load_recipe("lens-3.8b-512"), load_recipe("lens-3.8b")
+    assert first.name == "lens-3.8b-512" and first.buckets.base_sizes == [512]
+    assert (first.pretrain.lr, first.pretrain.init_from) == (2e-4, None)
+    assert len(buckets_for(second.buckets)) == 27 and second.pretrain.lr == 1e-4
+    assert second.pretrain.init_from == "lens-3.8b-512"
+    assert first.text_encoder == second.text_encoder and first.model == second.model
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text(f"extends: {b}\n")
+    b.write_text(f"extends: {a}\n")
+    with pytest.raises(RecipeError, match="'extends' loops"):
+        load_recipe(a)

@@ -54,3 +54,17 @@ def test_render_the_distill_stage_from_the_rl_model(tmp_path: Path) -> None:
     assert "lens_model/train/distill.py" in script
     assert "--model /workspace/runs/rl-lens-3-8b-" in script
     assert "--features /workspace/runs/features" in script
+
+
+def test_render_the_second_pretraining_stage_from_the_first(tmp_path: Path) -> None:
+    """lens-3.8b's pretraining starts from lens-3.8b-512's final/, which its job names."""
+    from lens_model.recipe import load_recipe
+
+    first = load_recipe("lens-3.8b-512")
+    assert cli.main(["train", "render", "lens-3.8b", "--target", "slurm",
+                     "--out", str(tmp_path)]) == 0
+    script = next(tmp_path.glob("pretrain-*")).read_text()
+    assert f"--init /workspace/runs/pretrain-lens-3-8b-512-{first.hash()}/final" in script
+    assert cli.main(["train", "render", "lens-3.8b-512", "--target", "slurm",
+                     "--out", str(tmp_path / "one")]) == 0
+    assert "--init" not in next((tmp_path / "one").glob("pretrain-*")).read_text()

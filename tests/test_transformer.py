@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lens_model.attention import segment_mask
 from lens_model.config import PRESETS, TransformerConfig, get_preset
 from lens_model.packing import pack_tokens, unpack
 from lens_model.transformer import (
@@ -14,7 +15,6 @@ from lens_model.transformer import (
     pack_text,
     patchify,
     rope_angles,
-    segment_mask,
     unpatchify,
 )
 
@@ -334,7 +334,7 @@ def test_segment_attention_equals_dense_mask_and_grads() -> None:
     sparse.square().sum().backward()
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    model.dense_mask = True
+    model.attention_kernel = "dense"
     dense = model(*args)
     dense.square().sum().backward()
     assert torch.allclose(sparse, dense, atol=1e-5)

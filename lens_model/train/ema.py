@@ -2,9 +2,11 @@
 
 After each optimizer step, ``shadow = d * shadow + (1 - d) * param`` for every parameter that
 requires grad, where d is ``decay`` warmed up over the first updates (``current_decay``).
-The shadow lives on the parameters' device in fp32, whatever the model's dtype: in bf16
-training it follows the bf16 working weights, whose rounding noise the
-average smooths out, and it costs no communication.
+The shadow is fp32 whatever the model's dtype: in bf16 training it follows the bf16 working
+weights, whose rounding noise the average smooths out, and it costs no communication. It lives
+beside the weights, or on ``device`` (the CPU), where it costs the GPU nothing: 4 bytes a
+parameter, 15 GiB for the 3.8B model. Updates go one tensor at a time, so a bf16 model never
+has a second full fp32 copy beside the shadow.
 
 ZeRO stages 0-2 keep the full parameters on every rank, so every rank holds the same shadow
 and any one of them can save it. ZeRO-3 partitions the parameters; a full fp32 shadow per rank
@@ -41,13 +43,15 @@ def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
 class EMA:
     """fp32 shadow of ``model``'s trainable parameters, updated with ``update(model)``."""
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
+    def __init__(self, model: nn.Module, decay: float,
+                 device: torch.device | str | None = None) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = decay
         self.updates = 0
         self.shadow: dict[str, Tensor] = {
-            name: p.detach().to(torch.float32, copy=True) for name, p in _trainable(model).items()
+            name: p.detach().to(device or p.device, torch.float32, copy=True)
+            for name, p in _trainable(model).items()
         }
 
     def _matched(self, model: nn.Module) -> tuple[list[Tensor], list[nn.Parameter]]:
@@ -65,8 +69,9 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         """Move the shadow toward the model's current weights (call after each optimizer step)."""
         shadow, params = self._matched(model)
-        current = [p.detach().to(torch.float32) for p in params]
-        torch._foreach_lerp_(shadow, current, 1.0 - self.current_decay)
+        weight = 1.0 - self.current_decay
+        for s, p in zip(shadow, params, strict=True):
+            s.lerp_(p.detach().to(s.device, torch.float32), weight)
         self.updates += 1
 
     @property
@@ -85,9 +90,10 @@ class EMA:
 
     @contextmanager
     def swap(self, model: nn.Module) -> Iterator[nn.Module]:
-        """Evaluate with the EMA weights inside the block; the trained weights come back after."""
+        """Evaluate with the EMA weights inside the block; the trained weights come back after
+        (kept meanwhile in host memory, so a GPU never holds two copies)."""
         _, params = self._matched(model)
-        backup = [p.detach().clone() for p in params]
+        backup = [p.detach().to("cpu", copy=True) for p in params]
         try:
             self.copy_to(model)
             yield model

@@ -27,7 +27,6 @@ oneCCL is not installed); its first initialize JIT-builds ``deepspeed_shm_comm``
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import random
@@ -44,6 +43,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from lens_model.recipe import merged
 from lens_model.train import checkpoint
 from lens_model.train.checkpoint import RngState
 from lens_model.train.ema import EMA
@@ -61,6 +61,9 @@ def ds_config_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[2] / "infra" / "deepspeed"
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the recipes' precision names
+
+
 @dataclass
 class TrainConfig:
     """What the trainer needs; field names follow the recipe's ``pretrain`` section."""
@@ -76,6 +79,8 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     grad_checkpointing: bool = False
     ema_decay: float | None = 0.999  # None: no EMA
+    ema_device: Literal["same", "cpu"] = "same"  # the shadow beside the weights or on the host
+    grad_accum: int = 1  # micro-batches per optimizer step
     ckpt_every: int = 1000
     keep_last: int = 3
     ckpt_dir: str | Path | None = None  # None: no checkpoints, no resume
@@ -98,6 +103,8 @@ class TrainConfig:
             (self.ema_decay is None or 0 <= self.ema_decay < 1, "ema_decay",
              "must be in [0, 1) or None"),
             (self.ckpt_every >= 1, "ckpt_every", "must be >= 1"),
+            (self.ema_device in ("same", "cpu"), "ema_device", "must be 'same' or 'cpu'"),
+            (self.grad_accum >= 1, "grad_accum", "must be >= 1"),
             (self.keep_last >= 1, "keep_last", "must be >= 1"),
         ]
         for ok, name, rule in checks:
@@ -106,17 +113,6 @@ class TrainConfig:
         if self.zero_stage == 3 and self.ema_decay is not None:
             raise ValueError("TrainConfig: EMA needs full parameters on each rank, which ZeRO-3 "
                              "does not keep; use zero_stage <= 2 or ema_decay=None")
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """``base`` updated by ``over``, nested dicts merged key by key."""
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 def build_ds_config(config: TrainConfig, overrides: dict[str, Any] | None = None
@@ -129,20 +125,22 @@ def build_ds_config(config: TrainConfig, overrides: dict[str, Any] | None = None
     base = json.loads(path.read_text())
     owned = {
         "zero_optimization": {"stage": config.zero_stage},
+        "gradient_accumulation_steps": config.grad_accum,
         "gradient_clipping": float(config.grad_clip),
         "bf16": {"enabled": config.precision == "bf16"},
         "optimizer": {"type": "AdamW", "params": {
             "lr": config.lr, "betas": list(config.betas), "weight_decay": config.weight_decay,
             "torch_adam": True, "adam_w_mode": True}},
     }
-    return _merge(_merge(base, owned), overrides or {})
+    return merged(merged(base, owned), overrides or {})
 
 
 def _check_agrees(ds: dict[str, Any], config: TrainConfig) -> None:
     """Refuse a DeepSpeed config that contradicts the TrainConfig on what the latter owns."""
     want = build_ds_config(config)
     # DeepSpeed's value when the key is absent (None: it has no default, the key is needed)
-    paths = {("zero_optimization", "stage"): 0, ("gradient_clipping",): 0.0,
+    paths = {("zero_optimization", "stage"): 0, ("gradient_accumulation_steps",): 1,
+             ("gradient_clipping",): 0.0,
              ("bf16", "enabled"): False, ("optimizer", "type"): None,
              ("optimizer", "params", "lr"): None, ("optimizer", "params", "betas"): None,
              ("optimizer", "params", "weight_decay"): None}
@@ -249,8 +247,9 @@ class Trainer:
         self.init_s = time.perf_counter() - start  # process group + deepspeed.initialize
         self.device: torch.device = self.engine.device
         self.accum = int(self.engine.gradient_accumulation_steps())
-        self.ema = EMA(self.engine.module, config.ema_decay) \
-            if config.ema_decay is not None else None
+        self.ema = None if config.ema_decay is None else EMA(
+            self.engine.module, config.ema_decay,
+            "cpu" if config.ema_device == "cpu" else None)
         self.step = 0
         # More state for checkpoints: name -> an object with JSON state_dict()/load_state_dict()
         # (the compute ledger, say), saved in meta.json and restored on resume.

@@ -202,7 +202,8 @@ def render_job(recipe: Recipe, stage: str, target: str, *, mount: str = "/worksp
                prompts: str = "data/rl_prompts/prompts.parquet") -> tuple[str, str, str]:
     """One stage's cluster job (``target`` "k8s" or "slurm"): ``(name, run dir, text)``. The
     run dir on the shared volume ``mount`` is named for the stage, recipe and its hash, so the
-    rl job finds pretraining's final/ and distill the rl job's; ``model`` overrides that."""
+    rl job finds pretraining's final/, distill the rl job's, and a second pretraining stage
+    (``pretrain.init_from``) the first's; ``model`` overrides that."""
     slug = recipe.name.replace(".", "-")
     pretrain_run = f"{mount}/pretrain-{slug}-{recipe.hash()}"
     launch = recipe.launch
@@ -221,6 +222,12 @@ def render_job(recipe: Recipe, stage: str, target: str, *, mount: str = "/worksp
         name, run, nnodes = pretrain_run.rsplit("/", 1)[-1], pretrain_run, launch.nnodes
         script_args = ["--params", f"{run}/recipe.yaml", "--dataset", dataset,
                        "--vae", vae or recipe.vae.path or f"{run}/vae", "--run-dir", run]
+        if recipe.pretrain.init_from:  # stage 2: render and run the first stage's job first
+            from lens_model.recipe import load_recipe
+
+            first = load_recipe(recipe.pretrain.init_from)
+            script_args += ["--init", model or f"{mount}/pretrain-"
+                            f"{first.name.replace('.', '-')}-{first.hash()}/final"]
     else:
         raise ValueError(f"stage {stage!r} has no training program; use pretrain, rl or "
                          f"distill")

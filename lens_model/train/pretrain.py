@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from lens_model import atomic
@@ -62,7 +62,7 @@ from lens_model.packing import pack_tokens
 from lens_model.pipeline import parse_size
 from lens_model.recipe import Recipe, load_recipe
 from lens_model.text_encoder import LanguageEncoder
-from lens_model.train.engine import TrainConfig, Trainer
+from lens_model.train.engine import DTYPES, TrainConfig, Trainer
 from lens_model.train.ledger import ComputeLedger
 from lens_model.transformer import LensTransformer2DModel, pack_text, patchify
 from lens_model.vae import SemanticVAE
@@ -168,6 +168,21 @@ def build_feature_cache(cache: FeatureCache, dataset: Path, encoder: LanguageEnc
     return list(names)
 
 
+
+def encode_by_shape(vae: SemanticVAE, images: list[Tensor]) -> list[Tensor]:
+    """Normalised latents (C, h, w) of ``images`` (3, H, W), encoded in one VAE call per image
+    shape, in the VAE's device and dtype; returned in fp32 on that device."""
+    param = next(vae.parameters())
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, img in enumerate(images):
+        by_shape.setdefault(tuple(img.shape), []).append(i)
+    out: list[Tensor] = [torch.empty(0)] * len(images)
+    for idx in by_shape.values():
+        stack = torch.stack([images[i] for i in idx]).to(param.device, param.dtype)
+        for i, z in zip(idx, vae.encode_latent(stack).float(), strict=True):
+            out[i] = z
+    return out
+
 class LossFn:
     """Packs a loader batch into one row and returns the rectified-flow velocity loss."""
 
@@ -176,7 +191,8 @@ class LossFn:
         self.recipe, self.features, self.encoder, self.vae, self.patch = (
             recipe, features, encoder, vae, patch)
         self.mu = recipe.pretrain.mu_rule()
-        self.last: dict[str, list[int]] = {"img": [], "txt": []}
+        # Tokens of every micro-batch since the last optimizer step (the ledger takes them).
+        self.seen: dict[str, list[int]] = {"img": [], "txt": []}
 
     def _inputs(self, batch: Batch) -> tuple[list[Tensor], list[Tensor]]:
         """Latents (C, h, w) and unpadded text hidden states (T, L*D) per sample.
@@ -193,16 +209,16 @@ class LossFn:
                                                                              strict=True)]
         captions = [c if not s else sc for c, sc, s in zip(batch.captions, batch.short_captions,
                                                            short, strict=True)]
-        with torch.no_grad():  # the encoders sit on the training device; packing is on CPU
+        with torch.no_grad():  # on the training device, where packing and the step use them
             hidden, mask = self.encoder.hidden(captions)
-            hidden, mask = hidden.cpu(), mask.cpu()
-            dev = next(self.vae.parameters()).device
-            latents = [self.vae.encode_latent(img[None].to(dev))[0].cpu() for img in batch.images]
-        return latents, [hidden[i, :int(mask[i].sum())] for i in range(len(batch.keys))]
+            lengths = mask.sum(dim=1).tolist()
+            latents = encode_by_shape(self.vae, batch.images)
+        return latents, [hidden[i, :n] for i, n in enumerate(lengths)]
 
     def __call__(self, engine: Any, batch: Batch) -> Tensor:
         latents, texts = self._inputs(batch)
         device = engine.device if hasattr(engine, "device") else torch.device("cpu")
+        latents, texts = [z.to(device) for z in latents], [h.to(device) for h in texts]
         tokens = [patchify(z[None], self.patch)[0] for z in latents]  # (N_i, 4C)
         grids = [(z.shape[1] // self.patch, z.shape[2] // self.patch) for z in latents]
         budget = self.recipe.loader.token_budget
@@ -215,15 +231,15 @@ class LossFn:
         counts = torch.tensor([len(t) for t in tokens])
         p = self.recipe.pretrain
         t = sample_timesteps(counts, mean=p.timestep_mean, std=p.timestep_std,
-                             shift_rule=lambda n: shift_mu(n, **self.mu))  # (S,)
-        noise = torch.randn_like(x0)
+                             shift_rule=lambda n: shift_mu(n, **self.mu)).to(device)  # (S,)
+        # Drawn by the CPU generator, whose state checkpoints carry, then moved.
+        noise = torch.randn(x0.shape, dtype=x0.dtype).to(device)
         xt = add_noise(x0, noise, per_token(t, seq.segment_ids))
-        self.last = {"img": [len(x) for x in tokens], "txt": [len(x) for x in texts]}
+        self.seen["img"] += [len(x) for x in tokens]
+        self.seen["txt"] += [len(x) for x in texts]
         pred = engine(xt[None].to(device), txt[None].to(device), t[None].to(device),
-                      seq.segment_ids[None].to(device), txt_seg[None].to(device),
-                      seq.position_ids[None].to(device), txt_pos[None].to(device))
-        return velocity_loss(pred[0], (noise - x0).to(device), segment_ids=seq.segment_ids.to(
-            device))
+                      seq.segment_ids[None], txt_seg[None], seq.position_ids[None], txt_pos[None])
+        return velocity_loss(pred[0], noise - x0, segment_ids=seq.segment_ids)
 
 
 def grid_prompts(recipe: Recipe) -> list[tuple[str, Image.Image]]:
@@ -288,6 +304,25 @@ def save_final(run: Path, denoiser: LensDenoiser, recipe: Recipe, vae_dir: str,
     return final
 
 
+def load_init(denoiser: LensDenoiser, final: Path) -> None:
+    """Copy a pretraining run's final/ weights (transformer and connector) into
+    ``denoiser``, which must be built to the same shapes."""
+    if not (final / "lens.json").is_file():
+        raise FileNotFoundError(f"--init {final}: not a pretraining run's final/ folder (no "
+                                f"lens.json); pass RUN/final of the recipe in init_from")
+    loaded = LensTransformer2DModel.from_pretrained(str(final / "transformer"),
+                                                    use_safetensors=True)
+    parts = ((denoiser.transformer, loaded.state_dict(), "transformer"),
+             (denoiser.connector, load_file(str(final / "connector.safetensors")), "connector"))
+    for module, state, what in parts:
+        try:
+            module.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ValueError(f"--init {final}: its {what} does not fit this recipe's model "
+                             f"({str(exc).splitlines()[0]}); init_from must name a recipe of "
+                             f"the same model preset, text encoder and VAE") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", required=True, help="the resolved recipe (YAML)")
@@ -297,11 +332,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-dir", dest="run", required=True,
                     help="run dir: checkpoints, events, final model")
     ap.add_argument("--features", default=None, help="feature cache root (default RUN/..)")
+    ap.add_argument("--init", default=None, help="start from this final/ folder's weights "
+                    "(pretrain.init_from: stage 2 after stage 1); a checkpoint still wins")
     args = ap.parse_args(argv)
     recipe, run, dataset = start_program(args.params), Path(args.run), Path(args.dataset)
     run.mkdir(parents=True, exist_ok=True)
     p, te = recipe.pretrain, recipe.text_encoder
-    vae = SemanticVAE.from_pretrained(args.vae).eval()
+    # A trained VAE stays fp32 (its stage trains it so); a pretrained one loads in vae.dtype.
+    vae_dtype = DTYPES[recipe.vae.dtype if recipe.vae.source == "pretrained" else "fp32"]
+    vae = SemanticVAE.from_pretrained(args.vae, dtype=vae_dtype).eval()
     if vae.token_px != recipe.buckets.token_px:
         raise ValueError(f"the VAE gives {vae.token_px} px per token but buckets.token_px is "
                          f"{recipe.buckets.token_px}; make them agree in the recipe")
@@ -309,9 +348,11 @@ def main(argv: list[str] | None = None) -> int:
                      pooled_text=recipe.model.pooled_text)
     torch.manual_seed(recipe.seed)  # the same initial weights on every rank and every rerun
     encoder = LanguageEncoder.from_spec(te.path, list(te.layers), cfg.text_dim or cfg.width,
-                                        te.max_length)
+                                        te.max_length, dtype=DTYPES[te.dtype])
     transformer = LensTransformer2DModel(**cfg.to_dict())
     denoiser = LensDenoiser(transformer, encoder.connector)
+    if args.init:  # before the trainer: the EMA starts from these weights too
+        load_init(denoiser, Path(args.init))
 
     features = None
     rank, world = _rank_world()
@@ -336,8 +377,9 @@ def main(argv: list[str] | None = None) -> int:
                          total_steps=p.steps, weight_decay=p.weight_decay,
                          betas=tuple(p.betas), grad_clip=p.grad_clip, zero_stage=p.zero_stage,
                          precision=p.precision, grad_checkpointing=p.grad_checkpointing,
-                         ema_decay=p.ema_decay, ckpt_every=p.ckpt_every, keep_last=p.keep_last,
-                         ckpt_dir=run / "checkpoints", seed=recipe.seed)
+                         ema_decay=p.ema_decay, ema_device=p.ema_device,
+                         grad_accum=p.gradient_accumulation_steps, ckpt_every=p.ckpt_every,
+                         keep_last=p.keep_last, ckpt_dir=run / "checkpoints", seed=recipe.seed)
     trainer = Trainer(denoiser, loss_fn, config)
     # The frozen encoders run where the model trains: online features and the sample grids.
     vae.to(trainer.device)
@@ -358,10 +400,11 @@ def main(argv: list[str] | None = None) -> int:
         resumed_from=str(trainer.resumed_from or ""))
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
-        flops = train_step_flops(cfg, loss_fn.last["img"], loss_fn.last["txt"],
-                                 recompute=p.grad_checkpointing)
-        counts = torch.tensor([flops, sum(loss_fn.last["img"]), len(loss_fn.last["img"])],
+        seen = loss_fn.seen  # every micro-batch of the step, accumulated ones included
+        flops = train_step_flops(cfg, seen["img"], seen["txt"], recompute=p.grad_checkpointing)
+        counts = torch.tensor([flops, sum(seen["img"]), len(seen["img"])],
                               dtype=torch.float64, device=trainer.device)  # NCCL: on GPU
+        loss_fn.seen = {"img": [], "txt": []}
         if trainer.world_size > 1:
             dist.all_reduce(counts)
         ledger.step(float(counts[0]), int(counts[1]), int(counts[2]), metrics["step_s"])
