@@ -50,7 +50,7 @@ from lens_model import safe_load
 from lens_model.denoiser import _pad  # the padding sample_latents applies
 from lens_model.flow_matching import VelocityFn, flow_sample, shift_mu
 from lens_model.recipe import PretrainSection, parse_pair
-from lens_model.text_encoder import LanguageEncoder, TextConnector
+from lens_model.text_encoder import DTYPES, LanguageEncoder, TextConnector
 from lens_model.transformer import LensTransformer2DModel, UnpackedLayout
 from lens_model.vae import SemanticVAE
 
@@ -180,9 +180,10 @@ class LensPipeline(DiffusionPipeline):
         vae = SemanticVAE.from_pretrained(vae_path, dtype=dtype).model  # safetensors only
         spec = meta["text_encoder"]
         cfg = transformer.config
+        # the LM as its recipe loaded it (bf16 for a 20B encoder) unless a dtype is asked for
         encoder = LanguageEncoder.from_spec(spec["path"], list(spec["layers"]),
                                             cfg.text_dim or cfg.width, int(spec["max_length"]),
-                                            dtype=dtype)
+                                            dtype=dtype or DTYPES.get(spec.get("dtype", "")))
         connector = encoder.connector
         connector.load_state_dict(load_file(str(final / "connector.safetensors")))
         if dtype is not None:  # nn.Module.to: ModelMixin.to warns on every dtype cast

@@ -34,7 +34,6 @@ def _digest(tree: Any) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
-
 def parse_pair(text: str, what: str, form: str) -> tuple[int, int]:
     """"96x48" -> (96, 48); the one parser of every AxB argument (sizes, NODESxGPUS)."""
     try:
@@ -42,6 +41,7 @@ def parse_pair(text: str, what: str, form: str) -> tuple[int, int]:
     except ValueError:
         raise ValueError(f"{what} {text!r}: expected {form}") from None
     return a, b
+
 
 class RecipeError(ValueError):
     """A recipe that cannot be used; the message names the key and the fix."""
@@ -612,7 +612,9 @@ def _read_tree(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
         names = " -> ".join(p.stem for p in (*chain, path, base_path))
         raise RecipeError(f"recipe {path}: 'extends' loops ({names}); make one of them stand "
                           f"alone")
-    return merged(_read_tree(base_path, (*chain, path)), tree)
+    inherited = _read_tree(base_path, (*chain, path))
+    inherited.pop("name", None)  # a recipe is named for its own file unless it says otherwise
+    return merged(inherited, tree)
 
 
 def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from lens_model import safe_load
 from lens_model.data.tokens import MINILM, minilm_dir
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # recipe names: text_encoder/vae.dtype
 TEMPLATE_DATE = date(2025, 8, 5)  # gpt-oss's release day: the fixed date its template shows
 _SENTINEL = "\u2063LENS-PROMPT\u2063"  # a string no template writes on its own
 _STRFTIME = re.compile(r"strftime_now\(\s*(['\"])(.*?)\1\s*\)")

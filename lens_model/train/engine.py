@@ -61,9 +61,6 @@ def ds_config_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[2] / "infra" / "deepspeed"
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the recipes' precision names
-
-
 @dataclass
 class TrainConfig:
     """What the trainer needs; field names follow the recipe's ``pretrain`` section."""

@@ -61,8 +61,8 @@ from lens_model.flow_matching import add_noise, per_token, sample_timesteps, shi
 from lens_model.packing import pack_tokens
 from lens_model.pipeline import parse_size
 from lens_model.recipe import Recipe, load_recipe
-from lens_model.text_encoder import LanguageEncoder
-from lens_model.train.engine import DTYPES, TrainConfig, Trainer
+from lens_model.text_encoder import DTYPES, LanguageEncoder
+from lens_model.train.engine import TrainConfig, Trainer
 from lens_model.train.ledger import ComputeLedger
 from lens_model.transformer import LensTransformer2DModel, pack_text, patchify
 from lens_model.vae import SemanticVAE
@@ -168,7 +168,6 @@ def build_feature_cache(cache: FeatureCache, dataset: Path, encoder: LanguageEnc
     return list(names)
 
 
-
 def encode_by_shape(vae: SemanticVAE, images: list[Tensor]) -> list[Tensor]:
     """Normalised latents (C, h, w) of ``images`` (3, H, W), encoded in one VAE call per image
     shape, in the VAE's device and dtype; returned in fp32 on that device."""
@@ -182,6 +181,7 @@ def encode_by_shape(vae: SemanticVAE, images: list[Tensor]) -> list[Tensor]:
         for i, z in zip(idx, vae.encode_latent(stack).float(), strict=True):
             out[i] = z
     return out
+
 
 class LossFn:
     """Packs a loader batch into one row and returns the rectified-flow velocity loss."""
@@ -237,8 +237,8 @@ class LossFn:
         xt = add_noise(x0, noise, per_token(t, seq.segment_ids))
         self.seen["img"] += [len(x) for x in tokens]
         self.seen["txt"] += [len(x) for x in texts]
-        pred = engine(xt[None].to(device), txt[None].to(device), t[None].to(device),
-                      seq.segment_ids[None], txt_seg[None], seq.position_ids[None], txt_pos[None])
+        pred = engine(xt[None], txt[None], t[None], seq.segment_ids[None], txt_seg[None],
+                      seq.position_ids[None], txt_pos[None])
         return velocity_loss(pred[0], noise - x0, segment_ids=seq.segment_ids)
 
 
