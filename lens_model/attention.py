@@ -127,10 +127,11 @@ def plan_attention(img_segment_ids: Tensor, txt_segment_ids: Tensor,
 
 @functools.cache
 def _compiled_flex() -> Any:
-    """FlexAttention compiled once per process: its fused kernel."""
+    """FlexAttention compiled once per process: its fused kernel. Shapes are left dynamic:
+    rows of every bucket and caption length must not each cost a recompile."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, plan: AttentionPlan) -> Tensor:
