@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from lens_model.attention import AttentionPlan
 from lens_model.flow_matching import euler_sample, shift_mu
 from lens_model.text_encoder import TextConnector
 from lens_model.transformer import LensTransformer2DModel, UnpackedLayout
@@ -25,11 +26,12 @@ class LensDenoiser(nn.Module):
 
     def forward(self, img_tokens: Tensor, txt_hidden: Tensor, timestep: Tensor,
                 img_segment_ids: Tensor, txt_segment_ids: Tensor, img_position_ids: Tensor,
-                txt_position_ids: Tensor) -> Tensor:
-        """Packed rows: img (B, Li, 4C), txt_hidden (B, Lt, L*D) -> velocity (B, Li, 4C)."""
+                txt_position_ids: Tensor, attention: AttentionPlan | None = None) -> Tensor:
+        """Packed rows: img (B, Li, 4C), txt_hidden (B, Lt, L*D) -> velocity (B, Li, 4C);
+        ``attention``: the batch's plan (``transformer.plan``), built where the batch is."""
         txt = self.connector(txt_hidden, txt_segment_ids >= 0)  # (B, Lt, width)
         return self.transformer(img_tokens, txt, timestep, img_segment_ids, txt_segment_ids,
-                                img_position_ids, txt_position_ids)
+                                img_position_ids, txt_position_ids, attention)
 
     def velocity(self, latents: Tensor, txt_hidden: Tensor, txt_mask: Tensor,
                  timestep: Tensor, layout: UnpackedLayout | None = None) -> Tensor:

@@ -237,8 +237,12 @@ class LossFn:
         xt = add_noise(x0, noise, per_token(t, seq.segment_ids))
         self.seen["img"] += [len(x) for x in tokens]
         self.seen["txt"] += [len(x) for x in texts]
+        # The ids are checked and the attention planned here, with the batch, so the step's
+        # forward never waits on the host.
+        plan = getattr(engine, "module", engine).transformer.plan(
+            seq.segment_ids[None], txt_seg[None], t[None])
         pred = engine(xt[None], txt[None], t[None], seq.segment_ids[None], txt_seg[None],
-                      seq.position_ids[None], txt_pos[None])
+                      seq.position_ids[None], txt_pos[None], plan)
         return velocity_loss(pred[0], noise - x0, segment_ids=seq.segment_ids)
 
 
