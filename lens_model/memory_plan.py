@@ -25,7 +25,7 @@ saved tensors on small presets):
 - packed rows with several samples keep no more: each segment's adaLN values are broadcast
   to its tokens inside one op (``transformer._Modulate``, ``_Gate``). Gathered per token and
   kept, as before, they cost 8 W more a token in a full stream, 3 W in the last text stream
-  and W outside the blocks (``MODULATION_PER_TOKEN_W``).
+  and W outside the blocks (docs/gpu.md gives what that is at 1024^2).
 - outside the blocks, per image token: the input projection's input (the patch dim), the
   final norm's input, its modulated copy and the output projection's input (3 W).
 With activation checkpointing a block keeps only its inputs (W per token), and backward
@@ -45,9 +45,6 @@ from lens_model.flops import param_count
 from lens_model.recipe import Recipe
 
 FULL_W, FULL_H, LAST_TEXT_W, OUT_W, GRAD_W = 18, 4, 8, 3, 2
-# What per-token gathered modulation kept in a full stream, the last text stream and outside
-# the blocks: the memory the per-segment broadcast saves (``modulation_saved_bytes``).
-MODULATION_PER_TOKEN_W = (8, 3, 1)
 GPU_BYTES = {"A100": 80 * 2**30, "H100": 80 * 2**30, "H800": 80 * 2**30}
 
 
@@ -87,15 +84,6 @@ def activation_bytes(cfg: TransformerConfig, tokens: Tokens, checkpointing: bool
         return saved
     grads = GRAD_W * cfg.width * (tokens.image + tokens.text)
     return saved + (_block(cfg, tokens)[0] + grads) * dtype_bytes
-
-
-def modulation_saved_bytes(cfg: TransformerConfig, tokens: Tokens, dtype_bytes: int) -> int:
-    """Bytes a packed row would keep more without checkpointing, had each block gathered its
-    adaLN values per token (a (B, L, 6 W) tensor a stream) instead of broadcasting them."""
-    full, last_text, out = MODULATION_PER_TOKEN_W
-    n, t, w = tokens.image, tokens.text, cfg.width
-    per_block = full * (n + t)
-    return ((cfg.depth - 1) * per_block + full * n + last_text * t + out * n) * w * dtype_bytes
 
 
 def micro_batch(recipe: Recipe) -> Tokens:
