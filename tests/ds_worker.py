@@ -85,6 +85,11 @@ class RandomBatches:
                              f"this source is {self.seed}/{self.rank}")
         self.index = int(state["index"])
 
+    def reshard_state(self, states: list[dict[str, Any]], rank: int, world_size: int
+                      ) -> dict[str, Any]:
+        """Every rank draws its own stream, so a new rank continues at the step reached."""
+        return {"index": max(int(s["index"]) for s in states), "seed": self.seed, "rank": rank}
+
 
 def mse_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
     x, y = batch
@@ -112,11 +117,18 @@ def run(ckpt: str | None, steps: int, zero: int = 0, model_seed: int = 0,
 
 
 def final_state(trainer: Trainer) -> dict[str, Tensor]:
-    """Parameters and EMA shadow as one flat dict of CPU fp32 tensors."""
+    """Parameters, EMA shadow and (under ZeRO, gathered whole) Adam moments as one flat dict
+    of CPU fp32 tensors (a collective call)."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
     out = {f"param.{n}": p.detach().float().cpu().contiguous()
            for n, p in trainer.module.named_parameters()}
     if trainer.ema is not None:
         out.update({f"ema.{n}": t.cpu() for n, t in trainer.ema.shadow.items()})
+    if trainer.config.zero_stage > 0:
+        for n, p in trainer.module.named_parameters():
+            for key in ("exp_avg", "exp_avg_sq"):
+                out[f"adam.{key}.{n}"] = safe_get_full_optimizer_state(p, key).float().cpu()
     return out
 
 

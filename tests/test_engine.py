@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -447,3 +449,38 @@ def test_two_simulated_nodes_match_two_processes(two_procs: Path, tmp_path: Path
         state, info = _result(out, "nodes", rank)
         assert info["world_size"] == 2
         _same(state, straight)
+
+
+def test_a_zero2_checkpoint_of_two_processes_resumes_on_one(two_procs: Path,
+                                                            tmp_path: Path) -> None:
+    """The 2-rank ZeRO-2 run's step-8 checkpoint loads into one process through DeepSpeed's
+    universal checkpoint: weights, EMA and the Adam moments (partitioned over 2 ranks when
+    saved) equal the 2-rank run's, the loader is re-dealt, and training goes on from step 8;
+    a batch source that cannot re-deal its position is refused by name."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(two_procs.parent / "a", ckpt)
+    with pytest.raises(TypeError, match="reshard_state"):
+        Trainer(TinyNet(), mse_loss, config(str(ckpt), zero=2)).fit(_NoReshard(3), 8)
+    out = tmp_path / "out"
+    one = subprocess.run([sys.executable, str(WORKER), "--out", str(out), "--zero", "2",
+                          "--model-seed", "9", "--job", f"one:{ckpt}:8",
+                          "--job", f"more:{ckpt}:10"],
+                         cwd=REPO, env=trainer_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    straight, _ = _result(two_procs, "straight", 0)
+    state, info = _result(out, "one", 0)
+    assert any(k.startswith("adam.exp_avg_sq.") for k in state)
+    _same(state, straight)
+    assert info["world_size"] == 1 and info["step"] == 8
+    assert info["resumed_from"].endswith("step-00000008")
+    assert info["loader"] == {"index": 8, "seed": 3, "rank": 0}
+    _, more = _result(out, "more", 0)
+    assert more["step"] == 10 and len(more["losses"]) == 2
+    assert all(math.isfinite(x) for x in more["losses"])
+    assert checkpoint.saved_world_size(checkpoint.latest(ckpt)) == 1
+    assert not list(ckpt.glob(".universal-*"))  # the conversion is removed after loading
+
+
+class _NoReshard(RandomBatches):
+    reshard_state = None

@@ -138,6 +138,28 @@ def test_resume_mid_epoch_and_across_epochs(dataset, reference) -> None:
         _same(list(islice(resumed, len(reference) - k)), reference[k:])
 
 
+def test_a_state_re_dealt_to_another_world_size_takes_no_batch_twice(dataset) -> None:
+    """Two ranks took 2 batches each; the one rank that resumes goes on from the epoch's
+    fifth batch, and three ranks from their second (global batches 3, 4, 5 on): nothing the
+    old ranks took comes again."""
+    root = dataset[0]
+    old = [make_loader(root, rank=r, world_size=2) for r in (0, 1)]
+    taken = {k for loader in old for b in islice(loader, 2) for k in b.keys}
+    states = [json.loads(json.dumps(loader.state_dict())) for loader in old]
+    one = make_loader(root)
+    one.load_state_dict(one.reshard_state(states, 0, 1))
+    assert (one.state_dict()["epoch"], one.state_dict()["index"]) == (0, 4)
+    assert taken == {k for b in islice(make_loader(root), 4) for k in b.keys}
+    assert taken.isdisjoint(
+        k for b in islice(one, one.batches_in_epoch(0) - 4) for k in b.keys)
+    three = [make_loader(root, rank=r, world_size=3) for r in range(3)]
+    for r, loader in enumerate(three):
+        loader.load_state_dict(loader.reshard_state(states, r, 3))
+        assert taken.isdisjoint(next(iter(loader)).keys)
+    with pytest.raises(ValueError, match="different places"):
+        one.reshard_state([states[0], {**states[1], "index": 1}], 0, 1)
+
+
 def test_state_from_other_settings_is_refused(dataset) -> None:
     state = make_loader(dataset[0]).state_dict()
     with pytest.raises(ValueError, match="seed=0 but this loader has 1"):

@@ -226,6 +226,21 @@ class PackedLoader:
                                  f"has {mine!r}; build the loader as the run that saved it did")
         self._epoch, self._index = int(state["epoch"]), int(state["index"])
 
+    def reshard_state(self, states: list[dict[str, Any]], rank: int, world_size: int
+                      ) -> dict[str, Any]:
+        """The state for rank ``rank`` of ``world_size`` that continues where ``states`` (every
+        rank of a run with another world size) stopped: the same epoch, past every batch those
+        ranks had taken (up to world_size - 1 of the epoch's batches skipped, none repeated)."""
+        places = {(int(s["epoch"]), int(s["index"])) for s in states}
+        if len(places) != 1:
+            raise ValueError(f"the saved ranks stopped at different places (epoch, index) "
+                             f"{sorted(places)}; lockstep training never does, so the "
+                             f"checkpoint is damaged")
+        (epoch, index), = places
+        taken = index * len(states)  # the old ranks took the epoch's batches round robin
+        return {**states[0], "epoch": epoch, "index": -(-taken // world_size), "rank": rank,
+                "world_size": world_size}
+
     def _settings(self) -> dict[str, Any]:
         return {"seed": self.seed, "rank": self.rank, "world_size": self.world_size,
                 "token_budget": self.token_budget, "token_px": self.token_px,

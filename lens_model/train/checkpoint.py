@@ -14,6 +14,14 @@ One checkpoint is a folder ``step-00001000/`` holding
 
 Everything this module writes itself is JSON or safetensors; nothing of ours is pickled.
 
+Another world size: a checkpoint resumes on as many ranks as wrote it, bit for bit. On a
+different number it resumes through DeepSpeed's universal checkpoint when the optimizer state
+is partitioned (ZeRO 1-3, or bf16's partitioned fp32 master weights): rank 0 converts the
+verified folder into ``.universal-step-N/`` beside it, every rank loads its new shard from
+there, and the conversion is removed. Per-rank loader states come back together, for the
+batch source to re-deal (``reshard_state``); per-rank RNG states cannot be re-dealt, so the
+trainer reseeds them from (seed, rank, step): deterministic, though not the straight run's.
+
 Atomicity: all ranks write into ``.tmp-step-00001000/``; after a barrier rank 0 fsyncs the
 tree, writes ``meta.json`` and ``manifest.json`` and renames the folder to ``step-00001000``.
 A crash before the rename leaves only a dot-folder, which ``latest`` never returns and the next
@@ -109,7 +117,8 @@ def prune(ckpt_dir: str | Path, keep_last: int) -> list[Path]:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     root = Path(ckpt_dir)
     doomed = complete(root)[:-keep_last]
-    doomed += [p for p in root.iterdir() if p.is_dir() and p.name.startswith((".tmp-", ".old-"))]
+    leftovers = (".tmp-", ".old-", ".universal-")
+    doomed += [p for p in root.iterdir() if p.is_dir() and p.name.startswith(leftovers)]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed
@@ -410,6 +419,43 @@ def save(ckpt_dir: str | Path, step: int, engine: Any, ema: EMA | None,
     return final
 
 
+def saved_world_size(path: str | Path) -> int:
+    """How many ranks wrote checkpoint ``path``."""
+    return int(json.loads((Path(path) / META).read_text())["world_size"])
+
+
+def partitioned(path: str | Path) -> bool:
+    """Whether DeepSpeed split checkpoint ``path``'s optimizer state over the ranks (ZeRO 1-3,
+    or bf16's fp32 master weights): then only a universal checkpoint loads it onto another
+    world size. Unpartitioned state sits whole in the model-states file, which any world
+    size loads."""
+    return any(Path(path, DS_TAG).rglob("*optim_states.pt"))
+
+
+def _to_universal(path: Path, tags: list[str], rank: int) -> Path:
+    """Rank 0 converts each engine's folder in verified checkpoint ``path`` to DeepSpeed's
+    universal format under ``.universal-step-N/`` beside it (a collective call)."""
+    from argparse import Namespace
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    out = path.parent / f".universal-{path.name}"
+    # inject_missing_state: our modules declare no tensor- or pipeline-parallel layout, which
+    # is what DeepSpeed's default universal info (a version number alone) describes.
+    if rank == 0:
+        shutil.rmtree(out, ignore_errors=True)
+        for tag in tags:
+            ds_to_universal.main(Namespace(
+                input_folder=str(path / tag), output_folder=str(out / tag),
+                num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                strict=True, inject_missing_state=True))
+    _barrier()
+    if not out.is_dir():
+        raise RuntimeError(f"rank {rank} cannot see {out}, which rank 0 wrote; put ckpt_dir "
+                           f"on a filesystem all ranks share")
+    return out
+
+
 def _companion_tag(name: str) -> str:
     if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
         raise ValueError(f"companion engine name {name!r}: use lowercase letters, digits and _")
@@ -422,9 +468,12 @@ class Restored:
 
     path: Path
     step: int
-    loader_state: dict[str, Any]
-    rng: dict[str, RngState]
+    loader_state: dict[str, Any]  # this rank's; {} when resharded
+    rng: dict[str, RngState]  # this rank's; {} when resharded
     meta: dict[str, Any]
+    loader_states: list[dict[str, Any]]  # every saving rank's, in rank order
+    resharded: bool  # saved by another number of ranks
+
 
 
 def load(path: str | Path, engine: Any, ema: EMA | None,
@@ -433,7 +482,10 @@ def load(path: str | Path, engine: Any, ema: EMA | None,
     collective call), after :func:`verify` has found every file in it to be one this trainer
     wrote.
 
-    RNG states come back in ``Restored.rng``; restoring them is the caller's choice.
+    RNG states come back in ``Restored.rng``; restoring them is the caller's choice. A
+    checkpoint of another world size loads when its state is not partitioned, or when the
+    engines were built with ``{"checkpoint": {"load_universal": true}}``; then
+    ``Restored.resharded`` is set and the caller re-deals ``loader_states``.
     """
     path = Path(path)
     rank, world = _world()
@@ -442,10 +494,15 @@ def load(path: str | Path, engine: Any, ema: EMA | None,
                                 f"folder that latest() returns")
     verify(path)  # before DeepSpeed unpickles anything
     meta = json.loads((path / META).read_text())
-    if meta["world_size"] != world:
-        raise ValueError(f"{path} was written by {meta['world_size']} ranks but this run has "
-                         f"{world}; resume with {meta['world_size']} ranks (per-rank loader and "
-                         f"RNG states cannot be re-dealt)")
+    saved_world = int(meta["world_size"])
+    resharded = saved_world != world
+    universal = resharded and partitioned(path)
+    if universal and not engine.load_universal_checkpoint():
+        raise ValueError(f"{path} was written by {saved_world} ranks with a partitioned "
+                         f"optimizer state and this run has {world}; build the engines with "
+                         f'{{"checkpoint": {{"load_universal": true}}}} (Trainer does when the '
+                         f"newest checkpoint's world size differs) or resume with "
+                         f"{saved_world} ranks")
     if ema is not None and not meta["ema"]:
         raise ValueError(f"{path} holds no EMA but this run keeps one; resume with EMA off or "
                          f"from a checkpoint saved with EMA")
@@ -454,16 +511,31 @@ def load(path: str | Path, engine: Any, ema: EMA | None,
         raise ValueError(f"{path} holds the engines {['main', *saved]} but this run trains "
                          f"{['main', *sorted(companions or {})]}; resume it with the program "
                          f"that wrote it, or start from a fresh ckpt_dir")
-    for tag, eng in [(DS_TAG, engine), *((_companion_tag(n), e)
-                                         for n, e in sorted((companions or {}).items()))]:
-        loaded, _ = eng.load_checkpoint(str(path), tag=tag, load_optimizer_states=True,
-                                        load_lr_scheduler_states=True)
-        if loaded is None:
-            raise FileNotFoundError(f"DeepSpeed found no engine checkpoint under {path / tag}; "
-                                    f"the checkpoint is damaged, resume from an older one")
+    engines = [(DS_TAG, engine), *((_companion_tag(n), e)
+                                   for n, e in sorted((companions or {}).items()))]
+    source = _to_universal(path, [t for t, _ in engines], rank) if universal else path
+    try:
+        for tag, eng in engines:
+            loaded, _ = eng.load_checkpoint(str(source), tag=tag, load_optimizer_states=True,
+                                            load_lr_scheduler_states=True)
+            if loaded is None:
+                raise FileNotFoundError(f"DeepSpeed found no engine checkpoint under "
+                                        f"{source / tag}; the checkpoint is damaged, resume "
+                                        f"from an older one")
+    finally:
+        if universal:
+            _barrier()
+            if rank == 0:
+                shutil.rmtree(source, ignore_errors=True)
     if ema is not None:
         ema.load(path / EMA_FILE)
-    own = json.loads((path / f"{_rank_name(rank)}.json").read_text())
+    states = [json.loads((path / f"{_rank_name(r)}.json").read_text())
+              for r in range(saved_world)]
+    if resharded:
+        return Restored(path, int(states[0]["step"]), {}, {}, meta,
+                        [s["loader"] for s in states], True)
     tensors = load_file(str(path / f"{_rank_name(rank)}.safetensors"))
-    rng = {name: RngState.from_saved(js, tensors, name) for name, js in own["rng"].items()}
-    return Restored(path, int(own["step"]), own["loader"], rng, meta)
+    rng = {name: RngState.from_saved(js, tensors, name)
+           for name, js in states[rank]["rng"].items()}
+    return Restored(path, int(states[rank]["step"]), states[rank]["loader"], rng, meta,
+                    [s["loader"] for s in states], False)

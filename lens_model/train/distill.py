@@ -42,7 +42,7 @@ from lens_model.flow_matching import euler_sigmas, flow_sample, shift_mu
 from lens_model.pipeline import parse_size
 from lens_model.recipe import Recipe
 from lens_model.train.checkpoint import latest
-from lens_model.train.engine import TrainConfig, Trainer
+from lens_model.train.engine import StepCounted, TrainConfig, Trainer
 from lens_model.train.ledger import ComputeLedger
 from lens_model.train.pretrain import (
     GRID_SEED,
@@ -87,7 +87,7 @@ def balanced_subset(buckets: dict[str, str], size: int, seed: int) -> dict[str, 
     return {name: keys for name, keys in out.items() if keys}
 
 
-class BalancedBatches:
+class BalancedBatches(StepCounted):
     """Each step, ``batch`` samples of one bucket (buckets drawn uniformly: balanced, and one
     size per batch) from the subset. What a step draws follows from (seed, step, rank), so a
     resumed run draws what the straight run drew; the state is the step count."""
@@ -100,12 +100,6 @@ class BalancedBatches:
         self.subset, self.features, self.batch = subset, features, batch
         self.short_prob, self.seed, self.rank = short_prob, seed, rank
         self.step = 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.step = int(state["step"])
 
     def __iter__(self) -> Iterator[DistillBatch]:
         while True:

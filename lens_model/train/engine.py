@@ -13,6 +13,11 @@ Two RNG streams keep resumes exact: the training stream (dropout, noise, timeste
 that draws from the global RNGs (``torch.utils.data.DataLoader`` does when it starts) does not
 shift the training stream. Both are saved per rank.
 
+A checkpoint written by another number of ranks resumes too (a node lost, or more added):
+weights, optimizer state (through DeepSpeed's universal checkpoint when it is partitioned),
+LR schedule and EMA come back whole; the batch source re-deals its position
+(``reshard_state``) and the RNG streams are reseeded from (seed, rank, step).
+
 Launch (the same script everywhere)::
 
     python train.py ...                                          # one process (gloo on CPU)
@@ -189,9 +194,11 @@ def init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def seed_everything(seed: int, rank: int = 0, stream: int = 0) -> None:
-    """Seed Python, NumPy and torch (CPU and CUDA) from (seed, rank, stream), distinct per rank."""
-    py, npy, th = np.random.SeedSequence([seed, rank, stream]).generate_state(3)
+def seed_everything(seed: int, rank: int = 0, stream: int = 0, step: int = 0) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) from (seed, rank, stream), distinct per rank;
+    a ``step`` > 0 (a resume onto another world size) gives fresh streams from there."""
+    entropy = [seed, rank, stream] + ([step] if step else [])
+    py, npy, th = np.random.SeedSequence(entropy).generate_state(3)
     random.seed(int(py))
     np.random.seed(int(npy))
     torch.manual_seed(int(th))
@@ -208,6 +215,27 @@ def lr_multiplier(warmup_steps: int, total_steps: int = 0,
             return warm
         return min(warm, max(0.0, (total_steps - k) / decay_steps))
     return f
+
+
+class StepCounted:
+    """A batch source whose draws follow from (seed, step, rank): its state is the step count,
+    the same on every rank, so a run of any world size continues from it."""
+
+    step: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step = int(state["step"])
+
+    def reshard_state(self, states: list[dict[str, int]], rank: int, world_size: int
+                      ) -> dict[str, int]:
+        steps = {int(s["step"]) for s in states}
+        if len(steps) != 1:
+            raise ValueError(f"the saved ranks stopped at different steps {sorted(steps)}; "
+                             f"lockstep training never does, so the checkpoint is damaged")
+        return {"step": steps.pop()}
 
 
 class Trainer:
@@ -234,6 +262,14 @@ class Trainer:
             model.enable_gradient_checkpointing()
         start = time.perf_counter()
         self.rank, self.world_size = init_distributed()
+        # DeepSpeed reads a partitioned optimizer state of another world size only through a
+        # universal checkpoint, and only when the engine is built for it.
+        newest = checkpoint.latest(config.ckpt_dir) if config.ckpt_dir and config.resume \
+            else None
+        self._universal = {"checkpoint": {"load_universal": True}} if newest is not None \
+            and checkpoint.saved_world_size(newest) != self.world_size \
+            and checkpoint.partitioned(newest) else {}
+        ds = merged(ds, self._universal)
         seed_everything(config.seed, self.rank, stream=1)
         self._data_rng = RngState.capture(cuda=False)
         seed_everything(config.seed, self.rank, stream=0)
@@ -268,7 +304,7 @@ class Trainer:
         if self._restored:
             raise RuntimeError(f"add companion {name!r} before restore() or fit(): a resume "
                                f"already happened without it")
-        ds = build_ds_config(config)
+        ds = build_ds_config(config, self._universal)
         _check_agrees(ds, config)
         params = param_groups or [p for p in model.parameters() if p.requires_grad]
         engine, *_ = deepspeed.initialize(
@@ -310,10 +346,24 @@ class Trainer:
         if path is None:
             return self.step
         self._stateful(batches)
+        saved_world = checkpoint.saved_world_size(path)
+        if saved_world != self.world_size and not callable(getattr(batches, "reshard_state",
+                                                                    None)):
+            raise TypeError(f"{path} was written by {saved_world} ranks and this run has "
+                            f"{self.world_size}; {type(batches).__name__} has no "
+                            f"reshard_state(states, rank, world) to re-deal its position, so "
+                            f"resume with {saved_world} ranks")
         got = checkpoint.load(path, self.engine, self.ema, self.companions)
-        batches.load_state_dict(got.loader_state)
-        got.rng["train"].restore()
-        self._data_rng = got.rng.get("data", self._data_rng)
+        if got.resharded:
+            batches.load_state_dict(batches.reshard_state(got.loader_states, self.rank,
+                                                          self.world_size))
+            seed_everything(cfg.seed, self.rank, stream=1, step=got.step)
+            self._data_rng = RngState.capture(cuda=False)
+            seed_everything(cfg.seed, self.rank, stream=0, step=got.step)
+        else:
+            batches.load_state_dict(got.loader_state)
+            got.rng["train"].restore()
+            self._data_rng = got.rng.get("data", self._data_rng)
         saved = got.meta.get("state", {})
         for name, obj in self.stateful.items():
             if name not in saved:

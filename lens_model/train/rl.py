@@ -47,7 +47,7 @@ from lens_model.rl.nft import NFTPolicy, adapter_state, merged, nft_loss, normal
 from lens_model.rl.prompts import RLPrompt, read_prompts
 from lens_model.rl.rubrics import INTEGRITY
 from lens_model.rollout import rollout
-from lens_model.train.engine import TrainConfig, Trainer
+from lens_model.train.engine import StepCounted, TrainConfig, Trainer
 from lens_model.train.ledger import ComputeLedger
 from lens_model.train.pretrain import TEXT_MULTIPLE, Events, save_final, start_program
 from lens_model.transformer import pack_text, patchify
@@ -116,7 +116,7 @@ def diversity(images: list[Image.Image], groups: int) -> float:
     return float(np.mean(dists)) if dists else 0.0
 
 
-class Rollouts:
+class Rollouts(StepCounted):
     """The trainer's batch source: each step, this rank's prompt groups rolled out by the
     current policy, judged and normalised, split into ``micro`` micro-batches. Its state is
     the step count: which prompts, sizes and seeds a step draws follows from (seed, step,
@@ -141,12 +141,6 @@ class Rollouts:
             {(b.width, b.height) for b in buckets_for(recipe.buckets)})
         self.step = 0
         self.stats = StepStats()
-
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.step = int(state["step"])
 
     def __iter__(self) -> Iterator[RLBatch]:
         while True:
