@@ -1,25 +1,34 @@
-"""Per-forward inference latency of the lens-3.8b backbone on one GPU (a lent H100), bf16.
+"""Inference latency of lens-3.8b on one GPU (a lent H100), bf16, random weights: one backbone
+forward, and ``LensPipeline`` as users call it.
 
-    python -m bench.gpu_infer [--iters 20] [--warmup 5] [--compile] \\
-        [--out bench/results/gpu_infer.json]
+    python -m bench.gpu_infer [--parts forward,pipeline] [--iters 20] [--warmup 5] \\
+        [--images 3] [--compile] [--out bench/results/gpu_infer.json]
     python -m bench.gpu_infer --smoke --out /tmp/gpu_infer_smoke.json   # CPU, tiny, seconds
 
-One forward of the 48-block backbone (random weights, bf16, eval, no grad) at 1024^2: 4096
-image tokens plus 256 text tokens per sample, at batch 1 (a guidance-free step, as
-Lens-Turbo runs) and batch 2 (cond + uncond, one CFG step). One segment per row and no
-padding, so no mask: SDPA's flash kernel is forced. Timed with CUDA events around each of
-``--iters`` back-to-back forwards after ``--warmup`` untimed ones; the median is reported
-beside the reference numbers in ``REFERENCE``: the target at batch 1, a Lens-shaped MMDiT built
-from diffusers' SD3 joint blocks timed on one H100, and the Lens paper's seconds per image
-(arXiv 2605.21573). ``--compile`` adds the same measurement with every block
-under ``torch.compile`` (per block, so the model's input checks stay eager), compile time
-reported apart. ``--smoke`` runs the same code on CPU with the tiny preset in fp32 at 64x64
-(8 px a token, 16 text tokens), batch 1 and 2, and writes the same keys.
+``forward``: one forward of the 48-block backbone (bf16, eval, no grad) at 1024^2: 4096 image
+tokens plus 256 text tokens per sample, at batch 1 (a guidance-free step, as Lens-Turbo
+runs) and batch 2 (cond + uncond, one CFG step). One segment per row and no padding, so no
+mask: SDPA's flash kernel is forced. Timed with CUDA events around each of ``--iters``
+back-to-back forwards after ``--warmup`` untimed ones; the median is reported beside the
+reference numbers in ``REFERENCE``.
+
+``pipeline``: ``LensPipeline(prompt, size="1024x1024")``, 20 Euler steps with CFG 5.0, from a
+109-word prompt to decoded pixels: the language model (GPT-OSS-20B's architecture, 24 layers
+and 32 experts, built from its config with random weights in bf16: no weights can be had
+here), the connector, the backbone and FLUX.2's VAE decoder (diffusers' AutoencoderKLFlux2
+defaults). The tokenizer is all-MiniLM-L6-v2's, the one on hand, so the prompt's token count
+is near, not equal to, GPT-OSS's. Wall time per image after one untimed image, synchronized.
+
+``--compile`` adds the same measurements with every backbone block under ``torch.compile``
+(regional: per block, so the model's input checks stay eager), compile time reported apart.
+``--smoke`` runs the same code on CPU with the tiny preset in fp32, MiniLM as the language
+model and a small FLUX.2-shaped VAE, at 32x32, and writes the same keys.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
 from typing import Any
@@ -29,6 +38,7 @@ from torch.nn.attention import sdpa_kernel
 
 from bench.gpu_train import (
     FLASH,
+    GPT_OSS_20B,
     StepTimer,
     build_model,
     device_info,
@@ -40,6 +50,7 @@ from bench.gpu_train import (
     write_json,
 )
 from lens_model.flops import forward_flops, param_count
+from lens_model.recipe import Recipe, load_recipe
 from lens_model.transformer import LensTransformer2DModel
 
 BATCHES = (1, 2)
@@ -52,10 +63,21 @@ REFERENCE = {
     "floor_ms_at_measured_matmul_rate": 22.0,
     "flux2_vae_decode_ms": 91.6,
     "paper_20_step_cfg_s": 3.15,
+    "target_20_step_cfg_s": 1.5,
     "paper_turbo_4_step_s": 0.84,
     "source": "paper_*: Lens paper, arXiv 2605.21573; ms: one H100, diffusers SD3 joint blocks, "
               "48 x 1536",
 }
+# 109 words, the mean length of Lens's training captions
+PROMPT = (
+    "A quiet harbour town at golden hour seen from a low stone pier: weathered fishing boats "
+    "painted red, teal and cream rest on calm water that mirrors the warm sky, gulls circle "
+    "above a lighthouse with a striped white and crimson tower, and narrow houses with "
+    "terracotta roofs climb the hill behind the quay. In the foreground an old fisherman in a "
+    "yellow raincoat coils a rope beside wooden crates of silver fish, while a small brown "
+    "dog watches him. Soft long shadows, light haze over the distant hills, fine detail on "
+    "the wet stones, photographed with a 35 mm lens, natural colours, shallow depth of "
+    "field, nostalgic mood.")
 
 
 def time_forwards(model: LensTransformer2DModel, inputs: dict[str, torch.Tensor], warmup: int,
@@ -137,23 +159,145 @@ def infer_bench(preset: str, resolution: int, token_px: int, text: int, warmup: 
     }
 
 
+def build_pipeline(recipe: Recipe, device: torch.device, dtype: torch.dtype,
+                   lm_config: dict[str, Any] | None = None) -> Any:
+    """``LensPipeline`` of ``recipe``'s shapes with random weights on ``device``: its
+    language model from ``lm_config`` (default: GPT-OSS-20B's; "minilm": the real MiniLM),
+    the MiniLM tokenizer, a FLUX.2-shaped VAE (the tiny one for a trained-VAE recipe)."""
+    from diffusers import AutoencoderKLFlux2
+    from transformers import AutoModel, AutoTokenizer, GptOssConfig
+
+    from lens_model.buckets import buckets_for
+    from lens_model.data.tokens import minilm_dir
+    from lens_model.pipeline import LensPipeline, make_scheduler
+    from lens_model.text_encoder import TextConnector
+    from lens_model.vae import SemanticVAE
+
+    te, before = recipe.text_encoder, torch.get_default_dtype()
+    torch.manual_seed(0)
+    transformer = build_model(recipe.model.preset, None, device, dtype,
+                              in_channels=recipe.vae.latent_channels,
+                              pooled_text=recipe.model.pooled_text)
+    cfg = transformer.transformer_config
+    torch.set_default_dtype(dtype)
+    try:
+        with device:
+            if te.path == "minilm":
+                lm = AutoModel.from_pretrained(str(minilm_dir()), local_files_only=True,
+                                               use_safetensors=True, dtype=dtype)
+            else:
+                from transformers import GptOssModel
+
+                lm = GptOssModel(GptOssConfig(**{**GPT_OSS_20B, **(lm_config or {})}))
+            vae = (AutoencoderKLFlux2() if recipe.vae.source == "pretrained" else
+                   SemanticVAE.tiny(recipe.vae.latent_channels, recipe.vae.downsample).model)
+            connector = TextConnector(n_layers=len(te.layers), hidden=lm.config.hidden_size,
+                                      width=cfg.text_dim or cfg.width)
+    finally:
+        torch.set_default_dtype(before)
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()), local_files_only=True)
+    areas = sorted({b.width * b.height for b in buckets_for(recipe.buckets)})
+    pipe = LensPipeline(transformer=transformer.eval(), vae=vae.eval(), text_encoder=lm.eval(),
+                        tokenizer=tokenizer, connector=connector.eval(),
+                        scheduler=make_scheduler(recipe.pretrain.mu_rule()),
+                        layers=list(te.layers), max_length=te.max_length, trained_areas=areas)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def time_images(pipe: Any, size: str, images: int, device: torch.device) -> dict[str, Any]:
+    """Seconds per 20-step CFG image after one untimed image (compile and caches)."""
+    def one(seed: int) -> float:
+        start = time.perf_counter()
+        pipe(PROMPT, size=size, num_inference_steps=20, guidance_scale=5.0, seed=seed,
+             output_type="pt")
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    first = one(0)
+    secs = [one(1 + i) for i in range(images)]
+    log(f"{size}: {statistics.median(secs):.3f} s per 20-step CFG image")
+    return {"s_per_image": round(statistics.median(secs), 4), "s_min": round(min(secs), 4),
+            "first_image_s": round(first, 3), "images": images}
+
+
+def pipeline_bench(recipe: Recipe, size: str, images: int, device: torch.device,
+                   compile_blocks: bool, lm_config: dict[str, Any] | None = None
+                   ) -> dict[str, Any]:
+    """``LensPipeline`` at ``size``: 20-step CFG images, text encoding and decode included."""
+    if images < 1:
+        raise ValueError(f"--images must be >= 1, got {images}")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    log(f"building the {recipe.name} pipeline on {device}")
+    pipe = build_pipeline(recipe, device, dtype, lm_config)
+    with torch.no_grad():
+        tokens = len(pipe.tokenizer(PROMPT)["input_ids"])
+        eager = time_images(pipe, size, images, device)
+        compiled = None
+        if compile_blocks:
+            for block in pipe.transformer.blocks:
+                block.compile(dynamic=False)
+            compiled = time_images(pipe, size, images, device)
+    on_gpu = device.type == "cuda"
+    best = min(x["s_per_image"] for x in (eager, compiled) if x)
+    return device_info(device) | {
+        "recipe": recipe.name, "size": size, "steps": 20, "guidance_scale": 5.0,
+        "dtype": str(dtype).split(".")[-1], "prompt_words": len(PROMPT.split()),
+        "prompt_tokens": tokens, "lm_params": sum(p.numel() for p in
+                                                  pipe.text_encoder.parameters()),
+        "eager": eager, "compiled": compiled,
+        "within_target": best <= REFERENCE["target_20_step_cfg_s"] if on_gpu else None,
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        if on_gpu else None,
+    }
+
+
+PARTS = ("forward", "pipeline")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--smoke", action="store_true", help="CPU, tiny preset, fp32, 64x64")
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny preset, fp32")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"some of {', '.join(PARTS)}")
     ap.add_argument("--iters", type=int, default=None, help="timed forwards (20; smoke 2)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed forwards (5; smoke 1)")
+    ap.add_argument("--images", type=int, default=None, help="timed images (3; smoke 1)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd blocks")
     ap.add_argument("--out", default="bench/results/gpu_infer.json")
     args = ap.parse_args()
+    parts = [p for p in args.parts.split(",") if p]
+    if not parts or set(parts) - set(PARTS):
+        raise SystemExit(f"--parts takes some of {', '.join(PARTS)}, got {args.parts!r}")
     if args.smoke:
-        device, preset, res, px, text = torch.device("cpu"), "tiny", 64, 8, 16
-        iters = 2 if args.iters is None else args.iters
-        warmup = 1 if args.warmup is None else args.warmup
+        device, name, res, px, text, size = torch.device("cpu"), "tiny", 64, 8, 16, "32x32"
     else:
-        device, preset, res, px, text = require_cuda(), "lens-3.8b", 1024, 16, 256
-        iters = 20 if args.iters is None else args.iters
-        warmup = 5 if args.warmup is None else args.warmup
-    write_json(infer_bench(preset, res, px, text, warmup, iters, device, args.compile), args.out)
+        device, name, res, px, text, size = require_cuda(), "lens-3.8b", 1024, 16, 256, \
+            "1024x1024"
+    iters = args.iters if args.iters is not None else 2 if args.smoke else 20
+    warmup = args.warmup if args.warmup is not None else 1 if args.smoke else 5
+    images = args.images if args.images is not None else 1 if args.smoke else 3
+    recipe = load_recipe(name)
+    out: dict[str, Any] = {"benchmark": "gpu_infer", "smoke": args.smoke}
+    for part in parts:
+        start = time.perf_counter()
+        try:
+            if part == "forward":
+                out[part] = infer_bench(recipe.model.preset, res, px, text, warmup, iters,
+                                        device, args.compile)
+            else:
+                out[part] = pipeline_bench(recipe, size, images, device, args.compile)
+        except Exception as exc:  # noqa: BLE001 -- the other parts still report
+            log(f"{part} failed: {type(exc).__name__}: {exc}")
+            out[part] = {"error": f"{type(exc).__name__}: {exc}"}
+        out[part]["seconds"] = round(time.perf_counter() - start, 1)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    write_json(out, args.out)
+    failed = [p for p in parts if "error" in out[p]]
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)} (see {args.out})")
 
 
 if __name__ == "__main__":

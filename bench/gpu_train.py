@@ -1,28 +1,33 @@
-"""Training-step MFU of the lens-3.8b backbone on one GPU (a lent H100), bf16, random weights.
+"""Training-step time and MFU of lens-3.8b on one GPU (a lent H100), bf16, random weights:
+the path pretraining runs, and the ideal one-segment step beside it, in one call.
 
-    python -m bench.gpu_train [--blocks auto|N] [--steps 10] [--warmup 3] \\
+    python -m bench.gpu_train [--parts real,real_square,ideal] [--steps 10] [--warmup 3] \\
         [--out bench/results/gpu_train.json]
     python -m bench.gpu_train --smoke --out /tmp/gpu_train_smoke.json   # CPU, tiny, seconds
 
-One step = forward + backward + AdamW on one sample at 1024^2 (4096 image tokens) plus 256
-text tokens. Each row holds one segment with no padding, so the model passes no mask and
-attention runs through SDPA's flash kernel, which is forced (``sdpa_kernel``) so that a
-silent fallback cannot flatter or spoil the number. Activation checkpointing is on.
+``real``: the step as pretraining takes it. The recipe's DeepSpeed ``Trainer`` (its ZeRO stage,
+bf16, EMA, activation checkpointing and AdamW) runs pretraining's ``LossFn`` on packed rows of
+random buckets of all the recipe's sizes, up to its token budget (24576 image tokens a rank
+for lens-3.8b), so attention runs the segment-masked path (FlexAttention on CUDA). Text
+features are random (256 tokens a sample, the language model's width), as a feature cache
+gives them: the frozen encoders are not in the timed step. One GPU holds no ZeRO shard of
+anyone else, so the model is cut to the most blocks whose memory plan
+(``lens_model.memory_plan``) fits the free memory; FLOPs are counted for the depth run.
+``real_square``: the same with every sample at 1024x1024 (the issue's MFU target bucket).
 
-Precision: fp32 master weights with ``torch.autocast(bfloat16)`` (PyTorch AMP), and fused
-AdamW on the fp32 weights: 16 bytes a parameter for weights, grads and Adam state, about
-65 GB at 48 blocks. ``--blocks auto`` takes all 48 blocks if that estimate plus activations
-fits the free GPU memory, else the most that fit, and falls back by a quarter on an
-out-of-memory error. FLOPs are counted by ``lens_model.flops`` for exactly the model run
-(depth = blocks used).
+``ideal``: one 1024^2 sample (4096 image tokens) plus 256 text tokens, one segment, no
+padding, so attention is SDPA's flash kernel (forced, so that a silent fallback cannot
+flatter or spoil the number); plain PyTorch AMP (fp32 master weights, bf16 autocast) and
+fused AdamW, no DeepSpeed and no EMA. ``--blocks auto`` takes all 48 blocks if the weights,
+grads, Adam state and activations fit the free memory, else the most that fit, and falls
+back by a quarter on an out-of-memory error.
 
-Timing: CUDA events around each step (forward+backward, then optimizer), warm-up steps
-excluded, one synchronize at the end. Reported: median ms/step, achieved TFLOP/s, MFU
-(model FLOPs = 3 x forward) and HFU (4 x forward, the checkpointed forward counted again)
-against the device's peak bf16 rate from ``lens_model.train.ledger.PEAK_TFLOPS`` (989 for
-H100), the device name and the torch version. ``--smoke`` runs the same code on CPU with the
-tiny preset in fp32 (64x64 pixels at 8 px a token, 32 text tokens, 1 warm-up + 2 steps) and
-writes the same keys, with MFU null.
+Timing: ``real`` takes the trainer's wall time per step (it synchronizes to report the loss);
+``ideal`` CUDA events around each step. Warm-up steps are excluded. Reported: median
+ms/step, achieved TFLOP/s, MFU (model FLOPs = 3 x forward, ``lens_model.flops``) against the
+device's peak bf16 rate (``lens_model.train.ledger.PEAK_TFLOPS``, 989 for H100), peak memory,
+the device name and the torch version. ``--smoke`` runs the same code on CPU with the tiny
+recipe and preset in fp32 (1 warm-up + 2 steps) and writes the same keys, with MFU null.
 """
 
 from __future__ import annotations
@@ -30,9 +35,12 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
+import random
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +49,12 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lens_model import atomic
+from lens_model.buckets import Bucket, buckets_for
 from lens_model.config import TransformerConfig, get_preset
+from lens_model.data.loader import Batch
 from lens_model.flops import forward_flops, memory_bytes, param_count
 from lens_model.flow_matching import add_noise, velocity_loss
+from lens_model.recipe import Recipe, load_recipe
 from lens_model.train.ledger import peak_tflops_for
 from lens_model.transformer import (
     LensTransformer2DModel,
@@ -52,6 +63,19 @@ from lens_model.transformer import (
 )
 
 GIB = 2**30
+# GPT-OSS-20B's architecture (its published config.json), the lens-3.8b text encoder: no
+# weights can be had here, so the benchmarks build it from this config with random weights.
+GPT_OSS_20B: dict[str, Any] = {
+    "model_type": "gpt_oss", "hidden_size": 2880, "num_hidden_layers": 24,
+    "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64,
+    "intermediate_size": 2880, "num_local_experts": 32, "num_experts_per_tok": 4,
+    "vocab_size": 201088, "sliding_window": 128, "rope_theta": 150000.0,
+    "max_position_embeddings": 131072, "attention_bias": True, "swiglu_limit": 7.0,
+    "rms_norm_eps": 1e-5, "rope_scaling": {"rope_type": "yarn", "factor": 32.0,
+                                           "beta_fast": 32.0, "beta_slow": 1.0,
+                                           "original_max_position_embeddings": 4096},
+}
+MINILM_HIDDEN = 384  # all-MiniLM-L6-v2, the tiny recipe's encoder
 
 
 def log(msg: str) -> None:
@@ -120,7 +144,7 @@ def synthetic_inputs(cfg: TransformerConfig, batch: int, rows: int, cols: int, t
 
 
 def build_model(preset: str, blocks: int | None, device: torch.device,
-                dtype: torch.dtype = torch.float32) -> LensTransformer2DModel:
+                dtype: torch.dtype = torch.float32, **overrides: Any) -> LensTransformer2DModel:
     """The preset (at ``blocks`` depth if given), initialised directly on ``device`` in ``dtype``.
 
     Built in place, with no detour through host memory or an fp32 copy (16 GB at full size).
@@ -130,7 +154,7 @@ def build_model(preset: str, blocks: int | None, device: torch.device,
     try:
         with device:
             return LensTransformer2DModel.from_preset(
-                preset, **({} if blocks is None else {"depth": blocks}))
+                preset, **overrides, **({} if blocks is None else {"depth": blocks}))
     finally:
         torch.set_default_dtype(before)
 
@@ -287,6 +311,127 @@ def report(cfg: TransformerConfig, preset: str, full: int, batch: int, img: int,
     }
 
 
+class RandomPacked:
+    """Endless batches as the loader deals them: random buckets packed up to the budget."""
+
+    def __init__(self, buckets: list[Bucket], token_px: int, budget: int, seed: int = 0) -> None:
+        if min(b.tokens(token_px) for b in buckets) > budget:
+            raise ValueError(f"loader.token_budget {budget} holds no bucket's image")
+        self.buckets, self.token_px, self.budget, self.seed = buckets, token_px, budget, seed
+
+    def __iter__(self) -> Iterator[Batch]:
+        rng = random.Random(self.seed)
+        index = 0
+        while True:
+            picks: list[Bucket] = []
+            while True:
+                pick = rng.choice(self.buckets)
+                if sum(b.tokens(self.token_px) for b in picks) + pick.tokens(self.token_px) \
+                        > self.budget and picks:
+                    break
+                if pick.tokens(self.token_px) <= self.budget:
+                    picks.append(pick)
+            px = self.token_px
+            yield Batch([b.name for b in picks], [""] * len(picks), [None] * len(picks), [],
+                        [(b.height // px, b.width // px) for b in picks],
+                        [b.name for b in picks], 0, index)
+            index += 1
+
+
+def random_features(recipe: Recipe, buckets: list[Bucket], lm_hidden: int, text: int,
+                    device: torch.device) -> dict[str, Any]:
+    """A feature-cache entry per bucket (keyed by its name): random latents of its size and
+    ``text`` tokens of hidden states, already on ``device`` as a cache would put them."""
+    factor = recipe.buckets.token_px // get_preset(recipe.model.preset).patch_size
+    g = torch.Generator(device=device).manual_seed(0)
+    width = len(recipe.text_encoder.layers) * lm_hidden
+    out = {}
+    for b in buckets:
+        latent = torch.randn(recipe.vae.latent_channels, b.height // factor, b.width // factor,
+                             generator=g, device=device)
+        hidden = torch.randn(text, width, generator=g, device=device)
+        out[b.name] = (hidden, torch.ones(text, dtype=torch.bool, device=device), latent, None)
+    return out
+
+
+def plan_depth(recipe: Recipe, device: torch.device) -> int:
+    """The most blocks whose memory plan on one rank fits the free GPU memory (all on CPU)."""
+    from lens_model.memory_plan import plan
+
+    full = get_preset(recipe.model.preset).depth
+    if device.type != "cuda":
+        return full
+    free, _ = torch.cuda.mem_get_info(device)
+    budget = int(0.9 * free) - 2 * GIB  # cuBLAS workspaces, allocator slack
+    for depth in range(full, 0, -1):
+        if plan(recipe, 1, 1, encoder=0, capacity=budget, depth=depth)["margin"] >= 0:
+            return depth
+    raise RuntimeError(f"not even one {recipe.name} block fits {free / GIB:.1f} GiB free")
+
+
+def real_bench(recipe: Recipe, buckets: list[Bucket], lm_hidden: int, text: int, warmup: int,
+               steps: int, device: torch.device) -> dict[str, Any]:
+    """Time pretraining's own step (Trainer + LossFn) on random packed rows of ``buckets``."""
+    from lens_model.denoiser import LensDenoiser
+    from lens_model.text_encoder import TextConnector
+    from lens_model.train.engine import Trainer
+    from lens_model.train.pretrain import LossFn, train_config
+
+    full = get_preset(recipe.model.preset).depth
+    depth = plan_depth(recipe, device)
+    log(f"building {recipe.name} with {depth}/{full} blocks on {device}, "
+        f"{len(buckets)} bucket(s)")
+    bf16 = recipe.pretrain.precision == "bf16"
+    torch.manual_seed(recipe.seed)
+    transformer = build_model(recipe.model.preset, depth, device,
+                              torch.bfloat16 if bf16 else torch.float32,
+                              in_channels=recipe.vae.latent_channels,
+                              pooled_text=recipe.model.pooled_text)
+    cfg = transformer.transformer_config
+    with device:
+        connector = TextConnector(n_layers=len(recipe.text_encoder.layers), hidden=lm_hidden,
+                                  width=cfg.text_dim or cfg.width)
+    features = random_features(recipe, buckets, lm_hidden, text, device)
+    loss_fn = LossFn(recipe, features, None, None, cfg.patch_size)  # type: ignore[arg-type]
+    trainer = Trainer(LensDenoiser(transformer, connector), loss_fn, train_config(recipe, None))
+    batches = RandomPacked(buckets, recipe.buckets.token_px, recipe.loader.token_budget)
+    trainer.fit(batches, warmup)
+    loss_fn.seen = {"img": [], "txt": []}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timed: list[tuple[float, float, int, int, float]] = []
+
+    def on_step(step: int, metrics: dict[str, float]) -> None:
+        seen = loss_fn.seen
+        fwd = forward_flops(cfg, seen["img"], seen["txt"])
+        timed.append((metrics["step_s"], fwd, sum(seen["img"]), len(seen["img"]),
+                      metrics["loss"]))
+        loss_fn.seen = {"img": [], "txt": []}
+
+    trainer.fit(batches, warmup + steps, on_step)
+    info = device_info(device)
+    peak = info["peak_tflops"]
+    rates = [3 * fwd / s / 1e12 for s, fwd, *_ in timed]
+    ms = statistics.median(1000 * t[0] for t in timed)
+    mem = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
+    p = recipe.pretrain
+    return info | {
+        "recipe": recipe.name, "blocks": depth, "blocks_full": full, "params": param_count(cfg),
+        "precision": p.precision, "zero_stage": p.zero_stage, "ema": p.ema_decay is not None,
+        "ema_device": p.ema_device, "grad_checkpointing": p.grad_checkpointing,
+        "attention": "flex (segment block mask)" if device.type == "cuda" else "segment mask",
+        "buckets": len(buckets), "token_budget": recipe.loader.token_budget,
+        "text_tokens_per_sample": text, "warmup_steps": warmup, "steps": len(timed),
+        "ms_per_step": round(ms, 3),
+        "samples_per_step": round(statistics.mean(t[3] for t in timed), 2),
+        "image_tokens_per_step": round(statistics.mean(t[2] for t in timed), 1),
+        "achieved_tflops": sig(statistics.median(rates)),
+        "mfu": None if peak is None else sig(statistics.median(rates) / peak),
+        "peak_memory_gib": None if mem is None else round(mem, 2),
+        "final_loss": round(timed[-1][4], 5),
+    }
+
+
 def require_cuda() -> torch.device:
     """The GPU, or a clear exit naming the CPU smoke mode."""
     if not torch.cuda.is_available():
@@ -302,28 +447,67 @@ def write_json(results: dict[str, Any], out: str | Path) -> None:
     atomic.write_text(out, text + "\n")
 
 
+PARTS = ("real", "real_square", "ideal")
+
+
+def run_parts(parts: list[str], smoke: bool, blocks: int | None, batch: int, steps: int,
+              warmup: int) -> dict[str, Any]:
+    """Each part in turn, memory freed between; a part that fails records its error."""
+    if smoke:
+        device, name, lm_hidden, text = torch.device("cpu"), "tiny", MINILM_HIDDEN, 16
+    else:
+        device, name, lm_hidden = require_cuda(), "lens-3.8b", GPT_OSS_20B["hidden_size"]
+        text = 256
+    recipe = load_recipe(name)
+    buckets = buckets_for(recipe.buckets)
+    side = max(b.width for b in buckets if b.width == b.height)  # 1024 (tiny: 40)
+    out: dict[str, Any] = {"benchmark": "gpu_train", "smoke": smoke}
+    for part in parts:
+        start = time.perf_counter()
+        try:
+            if part == "ideal":
+                out[part] = train_bench(recipe.model.preset, blocks, batch, side,
+                                        recipe.buckets.token_px, text, warmup, steps, device,
+                                        not smoke)
+            else:
+                square = [b for b in buckets if b.width == b.height == side]
+                out[part] = real_bench(recipe, square if part == "real_square" else buckets,
+                                       lm_hidden, text, warmup, steps, device)
+        except Exception as exc:  # noqa: BLE001 -- the other parts still report
+            log(f"{part} failed: {type(exc).__name__}: {exc}")
+            out[part] = {"error": f"{type(exc).__name__}: {exc}"}
+        out[part]["seconds"] = round(time.perf_counter() - start, 1)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--smoke", action="store_true", help="CPU, tiny preset, fp32, 2 steps")
-    ap.add_argument("--blocks", default="auto", help="'auto' or a block count (1..48)")
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny recipe, fp32, 2 steps")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"some of {', '.join(PARTS)}")
+    ap.add_argument("--blocks", default="auto", help="ideal: 'auto' or a block count (1..48)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (10; smoke 2)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps (3; smoke 1)")
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=1, help="ideal: samples a step")
     ap.add_argument("--out", default="bench/results/gpu_train.json")
     args = ap.parse_args()
     if args.blocks != "auto" and not args.blocks.isdigit():
         raise SystemExit(f"--blocks must be 'auto' or a positive integer, got {args.blocks!r}")
-    blocks = None if args.blocks == "auto" else int(args.blocks)
+    parts = [p for p in args.parts.split(",") if p]
+    if not parts or set(parts) - set(PARTS):
+        raise SystemExit(f"--parts takes some of {', '.join(PARTS)}, got {args.parts!r}")
     if args.smoke:
-        device, preset, res, px, text, bf16 = torch.device("cpu"), "tiny", 64, 8, 32, False
-        steps = 2 if args.steps is None else args.steps
-        warmup = 1 if args.warmup is None else args.warmup
-    else:
-        device, preset, res, px, text, bf16 = require_cuda(), "lens-3.8b", 1024, 16, 256, True
-        steps = 10 if args.steps is None else args.steps
-        warmup = 3 if args.warmup is None else args.warmup
-    write_json(train_bench(preset, blocks, args.batch, res, px, text, warmup, steps, device,
-                           bf16), args.out)
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    steps = args.steps if args.steps is not None else 2 if args.smoke else 10
+    warmup = args.warmup if args.warmup is not None else 1 if args.smoke else 3
+    blocks = None if args.blocks == "auto" else int(args.blocks)
+    results = run_parts(parts, args.smoke, blocks, args.batch, steps, warmup)
+    write_json(results, args.out)
+    failed = [p for p in parts if "error" in results[p]]
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)} (see {args.out})")
 
 
 if __name__ == "__main__":

@@ -114,14 +114,16 @@ def encoder_params(path: str) -> int:
 
 
 def plan(recipe: Recipe, nodes: int, gpus: int, encoder: int | None = None,
-         capacity: int | None = None) -> dict[str, Any]:
+         capacity: int | None = None, depth: int | None = None) -> dict[str, Any]:
     """Bytes per rank of each part for ``recipe``'s pretraining on ``nodes`` x ``gpus``, the
-    total, the GPU's capacity (``launch.gpu_type``) and the margin left (negative: no fit)."""
+    total, the GPU's capacity (``launch.gpu_type``) and the margin left (negative: no fit);
+    ``depth`` plans the model cut to that many blocks (a one-GPU benchmark of a big preset)."""
     if nodes < 1 or gpus < 1:
         raise ValueError(f"--plan {nodes}x{gpus}: give NODESxGPUS, both at least 1")
     p, world = recipe.pretrain, nodes * gpus
     cfg = get_preset(recipe.model.preset, in_channels=recipe.vae.latent_channels,
-                     pooled_text=recipe.model.pooled_text)
+                     pooled_text=recipe.model.pooled_text,
+                     **({} if depth is None else {"depth": depth}))
     n = param_count(cfg)
     dtype = 2 if p.precision == "bf16" else 4
     optimizer = n * (12 if p.precision == "bf16" else 8)

@@ -82,38 +82,63 @@ def test_train_bench_compares_deepspeed_with_plain_pytorch(tmp_path: Path) -> No
     assert got["settings"]["zero_stage"] == 0 and got["settings"]["precision"] == "fp32"
 
 
-def test_gpu_train_smoke_writes_the_full_run_keys(tmp_path: Path) -> None:
-    got = _run("gpu_train", tmp_path / "train.json", "--smoke")
-    assert set(got) == GPU_TRAIN_KEYS
-    assert got["smoke"] is True and got["preset"] == "tiny" and got["steps"] == 2
-    assert got["blocks"] == got["blocks_full"] == 4 and got["image_tokens"] == 64
-    assert got["mfu"] is None and got["hfu"] is None and got["peak_tflops"] is None
-    assert got["grad_checkpointing"] is True and got["sdpa_backend"] == "flash"
-    _positive(got["ms_per_step"], got["ms_fwd_bwd"], got["ms_optimizer"], got["achieved_tflops"],
-              got["forward_flops"], got["final_loss"], got["params"])
-    assert got["hardware_flops_per_step"] == pytest.approx(4 / 3 * got["model_flops_per_step"])
-    assert got["ms_per_step"] >= got["ms_fwd_bwd"]
+REAL_KEYS = {
+    "device", "torch", "cuda", "peak_tflops", "recipe", "blocks", "blocks_full", "params",
+    "precision", "zero_stage", "ema", "ema_device", "grad_checkpointing", "attention",
+    "buckets", "token_budget", "text_tokens_per_sample", "warmup_steps", "steps",
+    "ms_per_step", "samples_per_step", "image_tokens_per_step", "achieved_tflops", "mfu",
+    "peak_memory_gib", "final_loss", "seconds",
+}
+PIPELINE_KEYS = {
+    "device", "torch", "cuda", "peak_tflops", "recipe", "size", "steps", "guidance_scale",
+    "dtype", "prompt_words", "prompt_tokens", "lm_params", "eager", "compiled",
+    "within_target", "peak_memory_gib", "seconds",
+}
+
+
+def test_gpu_suite_smoke_writes_both_benchmarks_into_one_file(tmp_path: Path) -> None:
+    """The suite the GPU session runs, on CPU: pretraining's own step (Trainer + LossFn on
+    packed mixed-bucket rows) beside the ideal one, the backbone forward and LensPipeline,
+    eager and compiled, all in one JSON file that names the commit."""
+    out = tmp_path / "suite.json"
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_suite.sh"), "--smoke", "--out",
+                           str(out)], cwd=REPO, env={**_env(), "PYTHON": sys.executable},
+                          capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    suite = json.loads(out.read_text())
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                          text=True).stdout.strip()
+    assert suite["smoke"] is True and suite["commit"] == head
+    assert {n: p["exit"] for n, p in suite["parts"].items()} == {"gpu_train": 0, "gpu_infer": 0}
+    train = suite["parts"]["gpu_train"]["result"]
+    for part, buckets in (("real", 16), ("real_square", 1)):
+        real = train[part]
+        assert set(real) == REAL_KEYS and real["buckets"] == buckets and real["steps"] == 2
+        assert real["recipe"] == "tiny" and real["ema"] is True and real["mfu"] is None
+        assert real["samples_per_step"] > 1  # packed rows: many images share one row
+        assert real["image_tokens_per_step"] <= real["token_budget"] == 1024
+        _positive(real["ms_per_step"], real["achieved_tflops"], real["final_loss"])
+    ideal = train["ideal"]
+    assert set(ideal) == GPU_TRAIN_KEYS | {"seconds"} and ideal["image_tokens"] == 25
+    assert ideal["hardware_flops_per_step"] == pytest.approx(4 / 3 * ideal["model_flops_per_step"])
+    _positive(ideal["ms_per_step"], ideal["ms_fwd_bwd"], ideal["ms_optimizer"])
+    infer = suite["parts"]["gpu_infer"]["result"]
+    forward = infer["forward"]
+    assert set(forward) == GPU_INFER_KEYS | {"seconds"} and forward["within_target"] is None
+    for mode in ("eager", "compiled"):
+        for row in forward[mode].values():
+            _positive(row["ms_per_forward"], row["achieved_tflops"])
+    pipe = infer["pipeline"]
+    assert set(pipe) == PIPELINE_KEYS and pipe["prompt_words"] == 109 and pipe["steps"] == 20
+    _positive(pipe["prompt_tokens"], pipe["lm_params"], pipe["eager"]["s_per_image"],
+              pipe["compiled"]["s_per_image"])
 
 
 def test_gpu_train_refuses_a_block_count_the_preset_lacks(tmp_path: Path) -> None:
-    proc = subprocess.run([*_bench("gpu_train"), "--smoke",
+    proc = subprocess.run([*_bench("gpu_train"), "--smoke", "--parts", "ideal",
                            "--blocks", "9", "--out", str(tmp_path / "x.json")], cwd=REPO,
                           env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "--blocks 9 is outside 1..4" in proc.stderr
-    assert not (tmp_path / "x.json").exists()
-
-
-def test_gpu_infer_smoke_times_batch_one_and_two(tmp_path: Path) -> None:
-    got = _run("gpu_infer", tmp_path / "infer.json", "--smoke")
-    assert set(got) == GPU_INFER_KEYS
-    assert got["smoke"] is True and got["compiled"] is None and got["dtype"] == "float32"
-    assert set(got["eager"]) == {"batch_1", "batch_2"}
-    for row in got["eager"].values():
-        _positive(row["ms_per_forward"], row["ms_mean"], row["ms_min"], row["achieved_tflops"])
-        assert row["ms_min"] <= row["ms_per_forward"]
-    ref = got["reference"]
-    assert ref["target_ms_batch_1"] == 40.0 and ref["diffusers_sd3_mmdit_ms"]["batch_1"] == 71.7
-    assert got["within_target"] is None  # a CPU number says nothing about the H100 target
 
 
 SHORT_PIPELINE = ["data.num_samples=64", "data.samples_per_shard=32", "vae.steps=4",

@@ -327,6 +327,19 @@ def load_init(denoiser: LensDenoiser, final: Path) -> None:
                              f"the same model preset, text encoder and VAE") from None
 
 
+def train_config(recipe: Recipe, ckpt_dir: Path | None) -> TrainConfig:
+    """The trainer's settings from the recipe's ``pretrain`` section (``ckpt_dir`` None: no
+    checkpoints, as the GPU benchmark runs it)."""
+    p = recipe.pretrain
+    return TrainConfig(lr=p.lr, warmup_steps=p.warmup_steps, decay_steps=p.decay_steps,
+                       total_steps=p.steps, weight_decay=p.weight_decay, betas=tuple(p.betas),
+                       grad_clip=p.grad_clip, zero_stage=p.zero_stage, precision=p.precision,
+                       grad_checkpointing=p.grad_checkpointing, ema_decay=p.ema_decay,
+                       ema_device=p.ema_device, grad_accum=p.gradient_accumulation_steps,
+                       ckpt_every=p.ckpt_every, keep_last=p.keep_last, ckpt_dir=ckpt_dir,
+                       seed=recipe.seed)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", required=True, help="the resolved recipe (YAML)")
@@ -377,14 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             features.update(cache.load(name))
 
     loss_fn = LossFn(recipe, features, encoder, vae, cfg.patch_size)
-    config = TrainConfig(lr=p.lr, warmup_steps=p.warmup_steps, decay_steps=p.decay_steps,
-                         total_steps=p.steps, weight_decay=p.weight_decay,
-                         betas=tuple(p.betas), grad_clip=p.grad_clip, zero_stage=p.zero_stage,
-                         precision=p.precision, grad_checkpointing=p.grad_checkpointing,
-                         ema_decay=p.ema_decay, ema_device=p.ema_device,
-                         grad_accum=p.gradient_accumulation_steps, ckpt_every=p.ckpt_every,
-                         keep_last=p.keep_last, ckpt_dir=run / "checkpoints", seed=recipe.seed)
-    trainer = Trainer(denoiser, loss_fn, config)
+    trainer = Trainer(denoiser, loss_fn, train_config(recipe, run / "checkpoints"))
     # The frozen encoders run where the model trains: online features and the sample grids.
     vae.to(trainer.device)
     encoder.lm.to(trainer.device)
