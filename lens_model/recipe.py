@@ -269,7 +269,11 @@ class RLSection(Section):
                              "as the gold set (never trained on)")
     min_dimensions: int = Field(1, ge=1, le=5)
     max_dimensions: int = Field(4, ge=1, le=5)
-    steps: int = Field(180, ge=1, description="RL steps: one rollout batch and one update each")
+    steps: int = Field(180, ge=1, description="RL updates (optimizer steps); a rollout batch is "
+                       "drawn every updates_per_rollout of them")
+    updates_per_rollout: int = Field(1, ge=1, description="updates on each rollout batch, each "
+                                     "with fresh noise and timesteps, all against the old "
+                                     "policy that drew it")
     groups: int = Field(48, ge=1, description="prompt groups per step")
     group_size: int = Field(24, ge=2, description="images per prompt (one group)")
     sample_steps: int = Field(10, ge=1, description="rollout sampler steps")
@@ -305,6 +309,12 @@ class RLSection(Section):
     def _check(self) -> RLSection:
         if self.min_dimensions > self.max_dimensions:
             raise ValueError("min_dimensions must be <= max_dimensions")
+        k = self.updates_per_rollout
+        for name in ("steps", "ckpt_every"):  # a resume must start a rollout batch afresh
+            if getattr(self, name) % k:
+                raise ValueError(f"rl.{name}={getattr(self, name)} is not a multiple of "
+                                 f"rl.updates_per_rollout={k}; make it one, so that every "
+                                 f"checkpoint falls between two rollout batches")
         for size in self.sizes:
             w, h = parse_pair(size, "rl.sizes entry", "WxH, e.g. 32x32")
             if w <= 0 or h <= 0:

@@ -73,6 +73,9 @@ def test_bad_value_and_bad_override_and_unknown_recipe() -> None:
     wsd = load_recipe("tiny", ["pretrain.steps=1500", "pretrain.decay_frac=0.3"])
     assert wsd.pretrain.decay_steps == 450
     assert load_recipe("tiny", ["pretrain.steps=6"]).pretrain.decay_steps == 0  # < warmup: ok
+    with pytest.raises(RecipeError, match="rl.ckpt_every=10 is not a multiple of "
+                                          "rl.updates_per_rollout=4"):
+        load_recipe("tiny", ["rl.updates_per_rollout=4", "rl.steps=40", "rl.ckpt_every=10"])
 
 
 def test_paper_buckets() -> None:

@@ -209,11 +209,11 @@ def rl_inputs(tmp_path_factory) -> tuple[Path, Path, list[str]]:
     return final, prompts, RL_SHORT
 
 
-def _events(inputs, run: Path, nproc: int) -> list[dict]:
+def _events(inputs, run: Path, nproc: int, more: tuple[str, ...] = ()) -> list[dict]:
     """The RL program on the fixture's model and prompts: one process, or ``nproc`` through
     torchrun (each rank rolls out its share of the prompt groups)."""
     final, prompts, short = inputs
-    recipe = load_recipe("tiny", [*short, f"launch.nproc_per_node={nproc}"])
+    recipe = load_recipe("tiny", [*short, f"launch.nproc_per_node={nproc}", *more])
     run.mkdir(parents=True, exist_ok=True)
     (run / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
     args = ["--params", str(run / "recipe.yaml"), "--model", str(final), "--prompts",
@@ -221,10 +221,12 @@ def _events(inputs, run: Path, nproc: int) -> list[dict]:
     return program_events("rl", args, run, nproc)
 
 
-@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])
+# one process: two updates on each rollout batch; two processes (slow): one
+@pytest.mark.parametrize(("nproc", "k"), [(1, 2), pytest.param(2, 1, marks=pytest.mark.slow)])
 def test_the_rl_program_resumed_at_half_matches_the_straight_run(rl_inputs, tmp_path,
-                                                                 nproc) -> None:
-    straight, resumed = straight_and_resumed(lambda run: _events(rl_inputs, run, nproc),
+                                                                 nproc, k) -> None:
+    more = (f"rl.updates_per_rollout={k}",)
+    straight, resumed = straight_and_resumed(lambda run: _events(rl_inputs, run, nproc, more),
                                              tmp_path)
 
     def weights(run: Path, name: str) -> dict[str, torch.Tensor]:
@@ -245,6 +247,10 @@ def test_the_rl_program_resumed_at_half_matches_the_straight_run(rl_inputs, tmp_
             assert metrics(resumed, step)[key] == pytest.approx(metrics(straight, step)[key],
                                                                 abs=1e-6)
     assert metrics(resumed, 4)["compute/flops_total"] == metrics(straight, 4)["compute/flops_total"]
+    if k == 2:  # step 2 updates again on step 1's rollouts, with no sampling booked
+        first, again = metrics(straight, 1), metrics(straight, 2)
+        assert again["rl/reward"] == first["rl/reward"] and first["rl/rollout_s"] > 0
+        assert again["rl/rollout_s"] == 0 and again["train/loss"] != first["train/loss"]
     final = [e["final"] for e in straight if "final" in e][0]
     assert [g[0] for g in final["gold"]] == [0, 2, 4]  # the gold set before, during and after
     lens = json.loads((Path(final["model_dir"]) / "lens.json").read_text())

@@ -143,8 +143,19 @@ class Rollouts(StepCounted):
         self.stats = StepStats()
 
     def __iter__(self) -> Iterator[RLBatch]:
+        k, drawn = self.recipe.rl.updates_per_rollout, None
         while True:
-            yield from self._next_step()
+            if self.step % k == 0:
+                drawn, fresh = self._next_step(), self.stats
+            elif drawn is None:  # checkpoints fall between rollout batches (the recipe checks)
+                raise RuntimeError(f"RL resumed at step {self.step}, inside a rollout batch of "
+                                   f"rl.updates_per_rollout={k} updates; resume from a "
+                                   f"checkpoint at a multiple of {k}")
+            else:  # another update on the same rollouts: no sampling to book
+                self.step += 1
+                self.stats = StepStats({**fresh.metrics, "rl/rollout_s": 0.0}, fresh.img_tokens,
+                                       fresh.txt_tokens, 0)
+            yield from drawn
 
     def _next_step(self) -> list[RLBatch]:
         rl, seed = self.recipe.rl, self.recipe.seed
@@ -334,7 +345,8 @@ def train_rl(recipe: Recipe, run: Path, denoiser: LensDenoiser, encoder: Any, va
         gold_eval(0)
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
-        policy.update_old(rl.old_decay)
+        if step % rl.updates_per_rollout == 0:  # the next rollouts come from this policy
+            policy.update_old(rl.old_decay)
         st = rollouts.stats
         gold_log.train.append(st.metrics["rl/reward"])
         rollout_flops = st.model_evals * forward_flops(cfg, st.img_tokens, st.txt_tokens)
