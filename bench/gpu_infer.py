@@ -28,7 +28,6 @@ model and a small FLUX.2-shaped VAE, at 32x32, and writes the same keys.
 from __future__ import annotations
 
 import argparse
-import gc
 import statistics
 import time
 from typing import Any
@@ -42,12 +41,13 @@ from bench.gpu_train import (
     StepTimer,
     build_model,
     device_info,
+    finish,
     log,
     require_cuda,
+    run_part,
     sig,
     synthetic_inputs,
     token_grid,
-    write_json,
 )
 from lens_model.flops import forward_flops, param_count
 from lens_model.recipe import Recipe, load_recipe
@@ -279,25 +279,14 @@ def main() -> None:
     images = args.images if args.images is not None else 1 if args.smoke else 3
     recipe = load_recipe(name)
     out: dict[str, Any] = {"benchmark": "gpu_infer", "smoke": args.smoke}
+    measures = {
+        "forward": lambda: infer_bench(recipe.model.preset, res, px, text, warmup, iters,
+                                       device, args.compile),
+        "pipeline": lambda: pipeline_bench(recipe, size, images, device, args.compile),
+    }
     for part in parts:
-        start = time.perf_counter()
-        try:
-            if part == "forward":
-                out[part] = infer_bench(recipe.model.preset, res, px, text, warmup, iters,
-                                        device, args.compile)
-            else:
-                out[part] = pipeline_bench(recipe, size, images, device, args.compile)
-        except Exception as exc:  # noqa: BLE001 -- the other parts still report
-            log(f"{part} failed: {type(exc).__name__}: {exc}")
-            out[part] = {"error": f"{type(exc).__name__}: {exc}"}
-        out[part]["seconds"] = round(time.perf_counter() - start, 1)
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    write_json(out, args.out)
-    failed = [p for p in parts if "error" in out[p]]
-    if failed:
-        raise SystemExit(f"failed: {', '.join(failed)} (see {args.out})")
+        run_part(out, part, device, measures[part])
+    finish(out, parts, args.out)
 
 
 if __name__ == "__main__":

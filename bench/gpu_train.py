@@ -40,7 +40,7 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -461,26 +461,43 @@ def run_parts(parts: list[str], smoke: bool, blocks: int | None, batch: int, ste
     recipe = load_recipe(name)
     buckets = buckets_for(recipe.buckets)
     side = max(b.width for b in buckets if b.width == b.height)  # 1024 (tiny: 40)
+    square = [b for b in buckets if b.width == b.height == side]
     out: dict[str, Any] = {"benchmark": "gpu_train", "smoke": smoke}
+    measures = {
+        "real": lambda: real_bench(recipe, buckets, lm_hidden, text, warmup, steps, device),
+        "real_square": lambda: real_bench(recipe, square, lm_hidden, text, warmup, steps,
+                                          device),
+        "ideal": lambda: train_bench(recipe.model.preset, blocks, batch, side,
+                                     recipe.buckets.token_px, text, warmup, steps, device,
+                                     not smoke),
+    }
     for part in parts:
-        start = time.perf_counter()
-        try:
-            if part == "ideal":
-                out[part] = train_bench(recipe.model.preset, blocks, batch, side,
-                                        recipe.buckets.token_px, text, warmup, steps, device,
-                                        not smoke)
-            else:
-                square = [b for b in buckets if b.width == b.height == side]
-                out[part] = real_bench(recipe, square if part == "real_square" else buckets,
-                                       lm_hidden, text, warmup, steps, device)
-        except Exception as exc:  # noqa: BLE001 -- the other parts still report
-            log(f"{part} failed: {type(exc).__name__}: {exc}")
-            out[part] = {"error": f"{type(exc).__name__}: {exc}"}
-        out[part]["seconds"] = round(time.perf_counter() - start, 1)
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        run_part(out, part, device, measures[part])
     return out
+
+
+def run_part(out: dict[str, Any], part: str, device: torch.device,
+             measure: Callable[[], dict[str, Any]]) -> None:
+    """``out[part] = measure()`` with its seconds, then memory freed; a part that fails records
+    its error, so that the other parts still report."""
+    start = time.perf_counter()
+    try:
+        out[part] = measure()
+    except Exception as exc:  # noqa: BLE001 -- the other parts still report
+        log(f"{part} failed: {type(exc).__name__}: {exc}")
+        out[part] = {"error": f"{type(exc).__name__}: {exc}"}
+    out[part]["seconds"] = round(time.perf_counter() - start, 1)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def finish(out: dict[str, Any], parts: list[str], path: str | Path) -> None:
+    """Write the results; exit non-zero naming the parts that failed."""
+    write_json(out, path)
+    failed = [p for p in parts if "error" in out[p]]
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)} (see {path})")
 
 
 def main() -> None:
@@ -503,11 +520,7 @@ def main() -> None:
     steps = args.steps if args.steps is not None else 2 if args.smoke else 10
     warmup = args.warmup if args.warmup is not None else 1 if args.smoke else 3
     blocks = None if args.blocks == "auto" else int(args.blocks)
-    results = run_parts(parts, args.smoke, blocks, args.batch, steps, warmup)
-    write_json(results, args.out)
-    failed = [p for p in parts if "error" in results[p]]
-    if failed:
-        raise SystemExit(f"failed: {', '.join(failed)} (see {args.out})")
+    finish(run_parts(parts, args.smoke, blocks, args.batch, steps, warmup), parts, args.out)
 
 
 if __name__ == "__main__":
