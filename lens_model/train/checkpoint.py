@@ -475,7 +475,6 @@ class Restored:
     resharded: bool  # saved by another number of ranks
 
 
-
 def load(path: str | Path, engine: Any, ema: EMA | None,
          companions: dict[str, Any] | None = None) -> Restored:
     """Load a checkpoint folder into ``engine``, ``ema`` and ``companions`` on every rank (a
