@@ -519,6 +519,8 @@ def main() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     steps = args.steps if args.steps is not None else 2 if args.smoke else 10
     warmup = args.warmup if args.warmup is not None else 1 if args.smoke else 3
+    if steps < 1 or warmup < 0:
+        raise SystemExit(f"need --steps >= 1 and --warmup >= 0, got {steps} and {warmup}")
     blocks = None if args.blocks == "auto" else int(args.blocks)
     finish(run_parts(parts, args.smoke, blocks, args.batch, steps, warmup), parts, args.out)
 
