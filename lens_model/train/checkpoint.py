@@ -471,7 +471,7 @@ class Restored:
     loader_state: dict[str, Any]  # this rank's; {} when resharded
     rng: dict[str, RngState]  # this rank's; {} when resharded
     meta: dict[str, Any]
-    loader_states: list[dict[str, Any]]  # every saving rank's, in rank order
+    loader_states: list[dict[str, Any]]  # when resharded: every saving rank's, in rank order
     resharded: bool  # saved by another number of ranks
 
 
@@ -528,13 +528,12 @@ def load(path: str | Path, engine: Any, ema: EMA | None,
                 shutil.rmtree(source, ignore_errors=True)
     if ema is not None:
         ema.load(path / EMA_FILE)
-    states = [json.loads((path / f"{_rank_name(r)}.json").read_text())
-              for r in range(saved_world)]
-    if resharded:
+    if resharded:  # every saving rank's state, for the caller to re-deal
+        states = [json.loads((path / f"{_rank_name(r)}.json").read_text())
+                  for r in range(saved_world)]
         return Restored(path, int(states[0]["step"]), {}, {}, meta,
                         [s["loader"] for s in states], True)
+    own = json.loads((path / f"{_rank_name(rank)}.json").read_text())
     tensors = load_file(str(path / f"{_rank_name(rank)}.safetensors"))
-    rng = {name: RngState.from_saved(js, tensors, name)
-           for name, js in states[rank]["rng"].items()}
-    return Restored(path, int(states[rank]["step"]), states[rank]["loader"], rng, meta,
-                    [s["loader"] for s in states], False)
+    rng = {name: RngState.from_saved(js, tensors, name) for name, js in own["rng"].items()}
+    return Restored(path, int(own["step"]), own["loader"], rng, meta, [], False)
