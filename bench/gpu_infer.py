@@ -40,9 +40,11 @@ from bench.gpu_train import (
     GPT_OSS_20B,
     StepTimer,
     build_model,
+    built_on,
     device_info,
     finish,
     log,
+    parse_parts,
     require_cuda,
     run_part,
     sig,
@@ -162,8 +164,9 @@ def infer_bench(preset: str, resolution: int, token_px: int, text: int, warmup: 
 def build_pipeline(recipe: Recipe, device: torch.device, dtype: torch.dtype,
                    lm_config: dict[str, Any] | None = None) -> Any:
     """``LensPipeline`` of ``recipe``'s shapes with random weights on ``device``: its
-    language model from ``lm_config`` (default: GPT-OSS-20B's; "minilm": the real MiniLM),
-    the MiniLM tokenizer, a FLUX.2-shaped VAE (the tiny one for a trained-VAE recipe)."""
+    language model the real MiniLM for a "minilm" recipe, else GPT-OSS-20B's config with
+    ``lm_config``'s fields over it; the MiniLM tokenizer; a FLUX.2-shaped VAE (the tiny one
+    for a trained-VAE recipe)."""
     from diffusers import AutoencoderKLFlux2
     from transformers import AutoModel, AutoTokenizer, GptOssConfig
 
@@ -173,28 +176,24 @@ def build_pipeline(recipe: Recipe, device: torch.device, dtype: torch.dtype,
     from lens_model.text_encoder import TextConnector
     from lens_model.vae import SemanticVAE
 
-    te, before = recipe.text_encoder, torch.get_default_dtype()
+    te = recipe.text_encoder
     torch.manual_seed(0)
     transformer = build_model(recipe.model.preset, None, device, dtype,
                               in_channels=recipe.vae.latent_channels,
                               pooled_text=recipe.model.pooled_text)
     cfg = transformer.transformer_config
-    torch.set_default_dtype(dtype)
-    try:
-        with device:
-            if te.path == "minilm":
-                lm = AutoModel.from_pretrained(str(minilm_dir()), local_files_only=True,
-                                               use_safetensors=True, dtype=dtype)
-            else:
-                from transformers import GptOssModel
+    with built_on(device, dtype):
+        if te.path == "minilm":
+            lm = AutoModel.from_pretrained(str(minilm_dir()), local_files_only=True,
+                                           use_safetensors=True, dtype=dtype)
+        else:
+            from transformers import GptOssModel
 
-                lm = GptOssModel(GptOssConfig(**{**GPT_OSS_20B, **(lm_config or {})}))
-            vae = (AutoencoderKLFlux2() if recipe.vae.source == "pretrained" else
-                   SemanticVAE.tiny(recipe.vae.latent_channels, recipe.vae.downsample).model)
-            connector = TextConnector(n_layers=len(te.layers), hidden=lm.config.hidden_size,
-                                      width=cfg.text_dim or cfg.width)
-    finally:
-        torch.set_default_dtype(before)
+            lm = GptOssModel(GptOssConfig(**{**GPT_OSS_20B, **(lm_config or {})}))
+        vae = (AutoencoderKLFlux2() if recipe.vae.source == "pretrained" else
+               SemanticVAE.tiny(recipe.vae.latent_channels, recipe.vae.downsample).model)
+        connector = TextConnector(n_layers=len(te.layers), hidden=lm.config.hidden_size,
+                                  width=cfg.text_dim or cfg.width)
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()), local_files_only=True)
     areas = sorted({b.width * b.height for b in buckets_for(recipe.buckets)})
     pipe = LensPipeline(transformer=transformer.eval(), vae=vae.eval(), text_encoder=lm.eval(),
@@ -266,9 +265,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd blocks")
     ap.add_argument("--out", default="bench/results/gpu_infer.json")
     args = ap.parse_args()
-    parts = [p for p in args.parts.split(",") if p]
-    if not parts or set(parts) - set(PARTS):
-        raise SystemExit(f"--parts takes some of {', '.join(PARTS)}, got {args.parts!r}")
+    parts = parse_parts(args.parts, PARTS)
     if args.smoke:
         device, name, res, px, text, size = torch.device("cpu"), "tiny", 64, 8, 16, "32x32"
     else:

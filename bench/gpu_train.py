@@ -41,6 +41,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,7 @@ from lens_model.config import TransformerConfig, get_preset
 from lens_model.data.loader import Batch
 from lens_model.flops import forward_flops, memory_bytes, param_count
 from lens_model.flow_matching import add_noise, velocity_loss
+from lens_model.packing import pack_by_tokens
 from lens_model.recipe import Recipe, load_recipe
 from lens_model.train.ledger import peak_tflops_for
 from lens_model.transformer import (
@@ -143,20 +145,25 @@ def synthetic_inputs(cfg: TransformerConfig, batch: int, rows: int, cols: int, t
     }
 
 
-def build_model(preset: str, blocks: int | None, device: torch.device,
-                dtype: torch.dtype = torch.float32, **overrides: Any) -> LensTransformer2DModel:
-    """The preset (at ``blocks`` depth if given), initialised directly on ``device`` in ``dtype``.
-
-    Built in place, with no detour through host memory or an fp32 copy (16 GB at full size).
-    """
+@contextmanager
+def built_on(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
+    """Modules made inside are initialised directly on ``device`` in ``dtype``: no detour
+    through host memory or an fp32 copy (16 GB for the 3.8B backbone, 84 for GPT-OSS-20B)."""
     before = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with device:
-            return LensTransformer2DModel.from_preset(
-                preset, **overrides, **({} if blocks is None else {"depth": blocks}))
+            yield
     finally:
         torch.set_default_dtype(before)
+
+
+def build_model(preset: str, blocks: int | None, device: torch.device,
+                dtype: torch.dtype = torch.float32, **overrides: Any) -> LensTransformer2DModel:
+    """The preset (at ``blocks`` depth if given), built on ``device`` in ``dtype``."""
+    with built_on(device, dtype):
+        return LensTransformer2DModel.from_preset(
+            preset, **overrides, **({} if blocks is None else {"depth": blocks}))
 
 
 def token_grid(resolution: int, token_px: int) -> tuple[int, int]:
@@ -312,30 +319,27 @@ def report(cfg: TransformerConfig, preset: str, full: int, batch: int, img: int,
 
 
 class RandomPacked:
-    """Endless batches as the loader deals them: random buckets packed up to the budget."""
+    """Endless batches as the loader deals them: windows of random buckets packed up to the
+    budget by the loader's own packer (``pack_by_tokens``), bins in random order."""
 
-    def __init__(self, buckets: list[Bucket], token_px: int, budget: int, seed: int = 0) -> None:
-        if min(b.tokens(token_px) for b in buckets) > budget:
+    def __init__(self, buckets: list[Bucket], token_px: int, budget: int, window: int,
+                 seed: int = 0) -> None:
+        self.buckets = [b for b in buckets if b.tokens(token_px) <= budget]
+        if not self.buckets:
             raise ValueError(f"loader.token_budget {budget} holds no bucket's image")
-        self.buckets, self.token_px, self.budget, self.seed = buckets, token_px, budget, seed
+        self.token_px, self.budget, self.window, self.seed = token_px, budget, window, seed
 
     def __iter__(self) -> Iterator[Batch]:
-        rng = random.Random(self.seed)
-        index = 0
+        rng, px, index = random.Random(self.seed), self.token_px, 0
         while True:
-            picks: list[Bucket] = []
-            while True:
-                pick = rng.choice(self.buckets)
-                if sum(b.tokens(self.token_px) for b in picks) + pick.tokens(self.token_px) \
-                        > self.budget and picks:
-                    break
-                if pick.tokens(self.token_px) <= self.budget:
-                    picks.append(pick)
-            px = self.token_px
-            yield Batch([b.name for b in picks], [""] * len(picks), [None] * len(picks), [],
-                        [(b.height // px, b.width // px) for b in picks],
-                        [b.name for b in picks], 0, index)
-            index += 1
+            picks = [rng.choice(self.buckets) for _ in range(self.window)]
+            bins = pack_by_tokens([b.tokens(px) for b in picks], self.budget)
+            for rows in rng.sample(bins, len(bins)):
+                row = [picks[i] for i in rows]
+                yield Batch([b.name for b in row], [""] * len(row), [None] * len(row), [],
+                            [(b.height // px, b.width // px) for b in row],
+                            [b.name for b in row], 0, index)
+                index += 1
 
 
 def random_features(recipe: Recipe, buckets: list[Bucket], lm_hidden: int, text: int,
@@ -394,7 +398,8 @@ def real_bench(recipe: Recipe, buckets: list[Bucket], lm_hidden: int, text: int,
     features = random_features(recipe, buckets, lm_hidden, text, device)
     loss_fn = LossFn(recipe, features, None, None, cfg.patch_size)  # type: ignore[arg-type]
     trainer = Trainer(LensDenoiser(transformer, connector), loss_fn, train_config(recipe, None))
-    batches = RandomPacked(buckets, recipe.buckets.token_px, recipe.loader.token_budget)
+    batches = RandomPacked(buckets, recipe.buckets.token_px, recipe.loader.token_budget,
+                           recipe.loader.shuffle_buffer)
     trainer.fit(batches, warmup)
     loss_fn.seen = {"img": [], "txt": []}
     if device.type == "cuda":
@@ -492,6 +497,14 @@ def run_part(out: dict[str, Any], part: str, device: torch.device,
         torch.cuda.empty_cache()
 
 
+def parse_parts(text: str, known: tuple[str, ...]) -> list[str]:
+    """``--parts``: a comma-separated selection of ``known``."""
+    parts = [p for p in text.split(",") if p]
+    if not parts or set(parts) - set(known):
+        raise SystemExit(f"--parts takes some of {', '.join(known)}, got {text!r}")
+    return parts
+
+
 def finish(out: dict[str, Any], parts: list[str], path: str | Path) -> None:
     """Write the results; exit non-zero naming the parts that failed."""
     write_json(out, path)
@@ -512,9 +525,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.blocks != "auto" and not args.blocks.isdigit():
         raise SystemExit(f"--blocks must be 'auto' or a positive integer, got {args.blocks!r}")
-    parts = [p for p in args.parts.split(",") if p]
-    if not parts or set(parts) - set(PARTS):
-        raise SystemExit(f"--parts takes some of {', '.join(PARTS)}, got {args.parts!r}")
+    parts = parse_parts(args.parts, PARTS)
     if args.smoke:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     steps = args.steps if args.steps is not None else 2 if args.smoke else 10
