@@ -37,7 +37,8 @@ from tasks.cache import keyed_by, trained_model
 from tasks.reasoner_stage import REASONER_CODE, load_reasoner
 from tasks.results import ReasonerModel, SearchedPrompt
 
-SEARCH_CODE = (*REASONER_CODE, "tasks/prompt_search.py", "lens_model/eval")
+SEARCH_CODE = (*REASONER_CODE, "lens_model/reasoner/search.py",
+               "lens_model/reasoner/scoring.py", "tasks/prompt_search.py", "lens_model/eval")
 
 
 def _search_inputs(params: dict[str, Any]) -> dict[str, Any]:

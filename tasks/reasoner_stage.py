@@ -31,7 +31,10 @@ from tasks import tracking
 from tasks.cache import keyed_by
 from tasks.results import ReasonerModel
 
-REASONER_CODE = ("lens_model/reasoner", "tasks/reasoner_stage.py")
+# The files training reads: the search, its scoring and the release wrapper stay out, so
+# changing them does not retrain the reasoner.
+REASONER_CODE = tuple(f"lens_model/reasoner/{m}.py" for m in (
+    "base", "endpoint", "lm", "grammar", "rules", "training")) + ("tasks/reasoner_stage.py",)
 
 
 def _trained_by(recipe: Recipe) -> dict[str, Any]:
