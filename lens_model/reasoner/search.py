@@ -110,9 +110,12 @@ class EditSearch:
     """Local edits over the rule library: add, drop, swap two rules, reword one.
 
     Stateful: it remembers every prompt it has seen (proposed, or handed in as ``best``) and
-    never proposes one twice, so use one instance per search. Adds are steered by failures:
-    with probability ``steer`` the new rule is one written for the worst-scoring category
-    that an absent rule targets. Deterministic given the rng.
+    never proposes one twice, so use one instance per search. Edits are steered by failures:
+    with probability ``steer`` a proposal adds an absent rule, or drops a present one, written
+    for the worst-scoring category that such an untried edit concerns; otherwise it is a
+    uniformly drawn edit. A steered edit made once from a prompt is not steered to again from
+    it, so a category that no rule can fix (the image model fails it whatever the wording)
+    does not hold the steering. Deterministic given the rng.
     """
 
     OPS = ("add", "drop", "swap", "reword")
@@ -128,6 +131,7 @@ class EditSearch:
         self.max_rules = max_rules
         self.tries_per_proposal = tries_per_proposal
         self.seen: set[str] = set()
+        self.tried: dict[str, set[str]] = {}  # prompt hash -> its edits so far ("add x")
 
     def propose(self, best: Candidate, n: int,
                 rng: random.Random) -> list[tuple[str, str]]:
@@ -136,7 +140,9 @@ class EditSearch:
             raise ValueError(f"n must be 1 or more; got {n}")
         self.seen.add(best.hash)
         lines = _lines(best.prompt)
-        targeted = self._targeted(best.score, lines)
+        tried = self.tried.setdefault(best.hash, set())
+        present = [x.name for x in lines if isinstance(x, RuleRef)]
+        absent = [name for name in RULES if name not in present]
         out: list[tuple[str, str]] = []
         for _ in range(n * self.tries_per_proposal):
             if len(out) == n:
@@ -144,11 +150,19 @@ class EditSearch:
             ops = self._ops(lines)
             if not ops:
                 break
-            edited, edit = getattr(self, "_" + rng.choice(ops))(lines, targeted, rng)
+            steered = self._steered(best.score, present, ops, tried)
+            if steered and rng.random() < self.steer:
+                op, name = rng.choice(steered).split()
+                edited, edit = getattr(self, "_" + op)(lines, [name], rng)
+            else:
+                op = rng.choice(ops)
+                edited, edit = getattr(self, "_" + op)(lines, absent if op == "add" else
+                                                       present, rng)
             text = _render(edited)
             if prompt_hash(text) not in self.seen:
                 self.seen.add(prompt_hash(text))
                 out.append((text, edit))
+                tried.add(edit)
         return out
 
     def _ops(self, lines: list[Line]) -> list[str]:
@@ -160,23 +174,24 @@ class EditSearch:
         return [op for op in self.OPS if ok[op]]
 
     @staticmethod
-    def _targeted(score: Score, lines: list[Line]) -> list[str]:
-        """Absent rules written for the worst category that any absent rule targets."""
-        present = {x.name for x in lines if isinstance(x, RuleRef)}
-        absent = [r for r in RULES.values() if r.name not in present]
+    def _steered(score: Score, present: list[str], ops: list[str],
+                 tried: set[str]) -> list[str]:
+        """Untried edits ("add x", "drop y") of rules written for the worst category that
+        any of them concerns."""
+        edits = [f"add {n}" for n in RULES if n not in present and "add" in ops] + \
+            [f"drop {n}" for n in present if "drop" in ops]
+        edits = [e for e in edits if e not in tried]
         categories = sorted((s, c) for c, s in score.scores.items() if c != OVERALL)
         for worst, _ in categories:
             tied = {c for s, c in categories if s == worst}
-            pool = [r.name for r in absent if tied & set(r.targets)]
+            pool = [e for e in edits if tied & set(RULES[e.split()[1]].targets)]
             if pool:
                 return pool
         return []
 
-    def _add(self, lines: list[Line], targeted: list[str],
+    @staticmethod
+    def _add(lines: list[Line], pool: list[str],
              rng: random.Random) -> tuple[list[Line], str]:
-        present = {x.name for x in lines if isinstance(x, RuleRef)}
-        absent = [name for name in RULES if name not in present]
-        pool = targeted if targeted and rng.random() < self.steer else absent
         name = rng.choice(pool)
         ref = RuleRef(name, rng.randrange(len(RULES[name].phrasings)))
         # Never above the first line, which is the header in any prompt that has one.
@@ -184,15 +199,14 @@ class EditSearch:
         return [*lines[:at], ref, *lines[at:]], f"add {name}"
 
     @staticmethod
-    def _drop(lines: list[Line], targeted: list[str],
+    def _drop(lines: list[Line], pool: list[str],
               rng: random.Random) -> tuple[list[Line], str]:
-        at = rng.choice(_rule_slots(lines))
-        dropped = lines[at]
-        assert isinstance(dropped, RuleRef)
-        return [*lines[:at], *lines[at + 1:]], f"drop {dropped.name}"
+        name = rng.choice(pool)
+        at = next(i for i, x in enumerate(lines) if isinstance(x, RuleRef) and x.name == name)
+        return [*lines[:at], *lines[at + 1:]], f"drop {name}"
 
     @staticmethod
-    def _swap(lines: list[Line], targeted: list[str],
+    def _swap(lines: list[Line], pool: list[str],
               rng: random.Random) -> tuple[list[Line], str]:
         i, j = sorted(rng.sample(_rule_slots(lines), 2))
         out = list(lines)
@@ -202,7 +216,7 @@ class EditSearch:
         return out, f"swap {a.name} {b.name}"
 
     @staticmethod
-    def _reword(lines: list[Line], targeted: list[str],
+    def _reword(lines: list[Line], pool: list[str],
                 rng: random.Random) -> tuple[list[Line], str]:
         at = rng.choice(_rule_slots(lines))
         ref = lines[at]
