@@ -4,9 +4,11 @@ One run for the search, holding the best-so-far curve (``search/best`` per round
 winning prompt (artifact ``system_prompt.txt``, tag ``system_prompt_hash``) and its report on
 the held-out test split: shapes-GenEval-R drawn with no reasoner, with the seed prompt and
 with the searched one, and plain shapes-GenEval with no reasoner and with the searched one
-(``test/<set>/<condition>/<category>``). Every candidate is a child run tagged
-``system_prompt_hash`` and ``parent_candidate``, with its prompt, its dev score per category,
-the edit that made it and the failure summary it was made from.
+(``test/<set>/<condition>/<category>``). Beside them, ``r/literal`` draws each
+shapes-GenEval-R prompt worded plainly from its spec: the most a rewrite can gain. Every
+candidate is a child run tagged ``system_prompt_hash`` and ``parent_candidate``, with its
+prompt, its dev score per category, the edit that made it and the failure summary it was
+made from.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import mlflow
 from lens_model import atomic, defaults
 from lens_model.eval.geneval import R_PROMPT_SET_VERSION, EvalProtocol, pipeline_generator
 from lens_model.pipeline import load_pipeline
-from lens_model.reasoner.scoring import as_score, dev_prompts, judged
+from lens_model.reasoner.scoring import as_score, dev_prompts, judged, literal
 from lens_model.reasoner.search import (
     OVERALL,
     Candidate,
@@ -113,6 +115,7 @@ def search_task(recipe: Recipe, model_dir: str, reasoner: ReasonerModel,
             mlflow.log_metric("search/best", best, step=step)
         best = result.best
         conditions = {("r", "none"): (hard_test, None, ""),
+                      ("r", "literal"): (hard_test, None, ""),
                       ("r", "seed"): (hard_test, rewriter, s.seed_prompt),
                       ("r", "searched"): (hard_test, rewriter, best.prompt),
                       ("plain", "none"): (plain_test, None, ""),
@@ -120,7 +123,8 @@ def search_task(recipe: Recipe, model_dir: str, reasoner: ReasonerModel,
         scores: dict[str, dict[str, float]] = {}
         metrics: dict[str, float] = {}
         for (name, condition), (protocol, who, system) in conditions.items():
-            report, stats = judged(generate, protocol, None, who, system, truncates)
+            prompts = literal(protocol.prompts()) if condition == "literal" else None
+            report, stats = judged(generate, protocol, prompts, who, system, truncates)
             scores[f"{name}/{condition}"] = report.scores
             metrics |= {f"test/{name}/{condition}/{k}": v for k, v in report.scores.items()}
             metrics[f"test/{name}/{condition}/truncation_rate"] = stats["truncation_rate"]

@@ -70,7 +70,8 @@ class ReasonerModel:
 @dataclass(frozen=True)
 class SearchedPrompt:
     """The system-prompt search's winner and its shapes-GenEval-R test scores per condition
-    ("r/none", "r/seed", "r/searched", "plain/none", "plain/searched")."""
+    ("r/none", "r/literal", "r/seed", "r/searched", "plain/none", "plain/searched"; r/literal
+    is each prompt worded plainly from its spec, the most a rewrite can gain)."""
     system_prompt: str
     hash: str
     path: str

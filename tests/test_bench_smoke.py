@@ -191,6 +191,19 @@ def test_learning_bench_scores_every_snapshot_against_compute(tmp_path: Path,
         (p["step"], p["scores"]) for p in got["points"]]
 
 
+@pytest.mark.parametrize(("argv", "match"), [
+    (["--long-only"], "--long-only runs the long-caption model alone: give"),
+    (["--long-caption-prob", "0"], "--long-caption-prob 0.0: give a share in"),
+])
+def test_reasoner_bench_refuses_bad_arguments(argv: list[str], match: str,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import reasoner_bench
+
+    with pytest.raises(SystemExit) as exit_:
+        reasoner_bench.main(argv)
+    assert exit_.value.code == 2 and match in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_reasoner_bench_reports_the_searched_prompt_on_the_test_split(tmp_path: Path,
                                                                       dvc_repo: Path) -> None:
@@ -204,7 +217,7 @@ def test_reasoner_bench_reports_the_searched_prompt_on_the_test_split(tmp_path: 
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads((tmp_path / "r.json").read_text())
     model = got["model"]
-    assert set(model["test"]) == {"r/none", "r/seed", "r/searched", "plain/none",
+    assert set(model["test"]) == {"r/none", "r/literal", "r/seed", "r/searched", "plain/none",
                                   "plain/searched"}
     r = model["test"]
     assert model["r_gain_vs_none"] == pytest.approx(r["r/searched"]["overall"]

@@ -94,7 +94,8 @@ def test_tiny_pipeline_trains_and_tracks(tiny_pipeline: PipelineRuns, capsys,
         == [0, 2, 3]
     search_run = client.get_run(by_stage["reasoner-search"])
     assert search_run.data.tags["system_prompt_hash"] == out["system_prompt_hash"]
-    assert {"test/r/none/overall", "test/r/seed/overall", "test/r/searched/overall",
+    assert {"test/r/none/overall", "test/r/literal/overall", "test/r/seed/overall",
+            "test/r/searched/overall",
             "test/plain/searched/overall", "test/r/searched/truncation_rate"} <= set(
         search_run.data.metrics)
     assert len(client.get_metric_history(by_stage["reasoner-search"], "search/best")) == 2
@@ -161,7 +162,7 @@ def test_tiny_pipeline_trains_and_tracks(tiny_pipeline: PipelineRuns, capsys,
                      "--json", *sum((["--set", s] for s in SHORT), [])]) == 0
     alone = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert alone["reasoner_dir"].endswith("/reasoner") and alone["hash"]
-    assert set(alone["test"]) == {"r/none", "r/seed", "r/searched", "plain/none",
+    assert set(alone["test"]) == {"r/none", "r/literal", "r/seed", "r/searched", "plain/none",
                                   "plain/searched"}
     pre = client.get_run(out["pretrain_run_id"])
     losses = client.get_metric_history(pre.info.run_id, "train/loss")

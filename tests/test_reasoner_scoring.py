@@ -8,7 +8,7 @@ from lens_model.data.captions import prompt_set
 from lens_model.eval.geneval import R_PROMPT_SET_VERSION, EvalProtocol
 from lens_model.reasoner.base import new_stats
 from lens_model.reasoner.grammar import KINDS, prompt_set_r
-from lens_model.reasoner.scoring import as_score, dev_prompts, judged
+from lens_model.reasoner.scoring import as_score, dev_prompts, judged, literal
 from lens_model.recipe import EvalSection
 
 
@@ -19,6 +19,19 @@ def test_dev_prompts_hold_no_test_prompt() -> None:
     assert {p.category for p in dev} >= set(KINDS)  # hard wordings rarely collide
     every = dev_prompts(20, 1, [])
     assert len(every) > len(dev)  # the world is small: some plain prompts were in test
+
+
+def test_literal_words_each_prompt_as_the_plain_request_for_its_spec() -> None:
+    plain = prompt_set(10, 0)
+    assert [p.text for p in literal(plain)] == [p.text for p in plain]  # already literal
+    hard = prompt_set_r(10, 0)
+    for p, lit in zip(hard, literal(hard), strict=True):
+        assert (lit.spec, lit.category, lit.scene) == (p.spec, p.category, p.scene)
+        assert lit.text.startswith("a photo of ") and lit.text != p.text
+    # the plain set's wording of the same spec, where it holds one
+    by_spec = {repr(p.spec): p.text for p in prompt_set(50, 0)}
+    matched = [lit for lit in literal(hard) if repr(lit.spec) in by_spec]
+    assert matched and all(lit.text == by_spec[repr(lit.spec)] for lit in matched)
 
 
 class Upper:

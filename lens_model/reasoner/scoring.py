@@ -8,13 +8,14 @@ is reported on prompts it was never tuned on.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 
 from PIL import Image
 
 from lens_model.data.captions import Prompt, prompt_set
 from lens_model.eval.geneval import EvalProtocol, EvalReport, Generate, evaluate
 from lens_model.reasoner.base import Reasoner
-from lens_model.reasoner.grammar import prompt_set_r
+from lens_model.reasoner.grammar import from_spec, prompt_set_r, render
 from lens_model.reasoner.search import Score
 
 
@@ -24,6 +25,13 @@ def dev_prompts(per_category: int, seed: int, test: Iterable[str]) -> list[Promp
     held = set(test)
     return [p for p in prompt_set(per_category, seed) + prompt_set_r(per_category, seed)
             if p.text not in held]
+
+
+def literal(prompts: Iterable[Prompt]) -> list[Prompt]:
+    """Each prompt worded as the plain English request for its spec: what a rewrite that
+    gets everything right gives, so drawing these bounds what any system prompt can gain
+    with this image model."""
+    return [replace(p, text=render(from_spec(p.spec))) for p in prompts]
 
 
 class Rewriting:
