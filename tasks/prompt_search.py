@@ -114,16 +114,17 @@ def search_task(recipe: Recipe, model_dir: str, reasoner: ReasonerModel,
         for step, best in enumerate(result.curve):
             mlflow.log_metric("search/best", best, step=step)
         best = result.best
-        conditions = {("r", "none"): (hard_test, None, ""),
-                      ("r", "literal"): (hard_test, None, ""),
-                      ("r", "seed"): (hard_test, rewriter, s.seed_prompt),
-                      ("r", "searched"): (hard_test, rewriter, best.prompt),
-                      ("plain", "none"): (plain_test, None, ""),
-                      ("plain", "searched"): (plain_test, rewriter, best.prompt)}
+        # Each condition: the protocol it is judged on, the prompts drawn (None: the
+        # protocol's own), the rewriter and its system prompt.
+        conditions = {("r", "none"): (hard_test, None, None, ""),
+                      ("r", "literal"): (hard_test, literal(hard_test.prompts()), None, ""),
+                      ("r", "seed"): (hard_test, None, rewriter, s.seed_prompt),
+                      ("r", "searched"): (hard_test, None, rewriter, best.prompt),
+                      ("plain", "none"): (plain_test, None, None, ""),
+                      ("plain", "searched"): (plain_test, None, rewriter, best.prompt)}
         scores: dict[str, dict[str, float]] = {}
         metrics: dict[str, float] = {}
-        for (name, condition), (protocol, who, system) in conditions.items():
-            prompts = literal(protocol.prompts()) if condition == "literal" else None
+        for (name, condition), (protocol, prompts, who, system) in conditions.items():
             report, stats = judged(generate, protocol, prompts, who, system, truncates)
             scores[f"{name}/{condition}"] = report.scores
             metrics |= {f"test/{name}/{condition}/{k}": v for k, v in report.scores.items()}
