@@ -63,7 +63,8 @@ OUTPUT_TYPES = ("pil", "pt", "latent")
 @dataclass
 class LensPipelineOutput(BaseOutput):
     """``images``: PIL images, a (B, 3, H, W) tensor in [0, 1] ("pt"), or normalised latents
-    (B, C, h, w) ("latent"). ``flags``: warnings about the request by name, e.g. "oversize".
+    (B, C, h, w) ("latent"). ``flags``: warnings about the request by name, e.g. "oversize"
+    or "truncated".
     ``prompts``: what was drawn, the reasoner's rewrites when one was used."""
 
     images: list[PIL.Image.Image] | Tensor
@@ -308,6 +309,17 @@ class LensPipeline(DiffusionPipeline):
         warnings.warn(msg, UserWarning, stacklevel=2)
         return {flag: msg}
 
+    def truncation_flags(self, prompts: list[str]) -> dict[str, str]:
+        """Flag (and warn about) prompts, rewrites included, that the text encoder cuts short:
+        the words past its limit never reach the model."""
+        cut = [i for i, p in enumerate(prompts) if self.encoder.truncates(p)]
+        if not cut:
+            return {}
+        msg = (f"{len(cut)} of {len(prompts)} prompts (index {', '.join(map(str, cut))}) are "
+               f"over the text encoder's {self.config.max_length} tokens and were cut short")
+        warnings.warn(msg, UserWarning, stacklevel=2)
+        return {"truncated": msg}
+
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         """Prompts -> connector features (B, T, width) and mask (B, T); "" -> masked zeros."""
@@ -374,7 +386,7 @@ class LensPipeline(DiffusionPipeline):
                              f"sampler from {list(SAMPLERS)} and an output_type from "
                              f"{list(OUTPUT_TYPES)}")
         width, height = self.resolve_size(width, height, size)
-        flags = self.size_flags(width, height)
+        flags = self.size_flags(width, height) | self.truncation_flags(prompts)
         turbo = self.turbo_steps
         steps = num_inference_steps if num_inference_steps is not None else turbo or 20
         if guidance_scale is None:

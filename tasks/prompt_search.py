@@ -52,7 +52,9 @@ def _search_inputs(params: dict[str, Any]) -> dict[str, Any]:
 
 def _optimiser(recipe: Recipe) -> Optimiser:
     s = recipe.reasoner.search
-    return LLMSearch(recipe.reasoner.endpoint) if s.optimiser == "openai" else EditSearch()
+    if s.optimiser == "openai":
+        return LLMSearch(recipe.reasoner.endpoint, recipe.reasoner.max_system_chars)
+    return EditSearch()
 
 
 @task(name="reasoner-search", persist_result=True,
@@ -129,8 +131,11 @@ def search_task(recipe: Recipe, model_dir: str, reasoner: ReasonerModel,
             scores[f"{name}/{condition}"] = report.scores
             metrics |= {f"test/{name}/{condition}/{k}": v for k, v in report.scores.items()}
             metrics[f"test/{name}/{condition}/truncation_rate"] = stats["truncation_rate"]
-        mlflow.log_metrics(metrics | {"search/rounds": result.rounds,
-                                      "search/candidates": len(result.candidates)})
+        # the rewriter's counters over the whole search: empty answers (the user's prompt was
+        # drawn instead) and answers cut at max_new_tokens
+        counters = {f"reasoner/{k}": float(v) for k, v in rewriter.stats.items()}
+        mlflow.log_metrics(metrics | counters | {"search/rounds": result.rounds,
+                                                 "search/candidates": len(result.candidates)})
         mlflow.set_tags({"system_prompt_hash": best.hash, "lens.search_stopped": result.stopped,
                          "lens.r_eval_hash": hard_test.hash(),
                          "lens.eval_hash": plain_test.hash()})

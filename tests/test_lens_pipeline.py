@@ -141,6 +141,14 @@ def test_oversize_area_is_flagged(pipe: LensPipeline) -> None:
     assert pipe(PROMPTS[:1], size="24x24", num_inference_steps=1, seed=0).flags == {}
 
 
+def test_prompts_the_text_encoder_cuts_short_are_flagged(pipe: LensPipeline) -> None:
+    long = " ".join(["a red circle left of a blue star"] * 8)  # past the fixture's 32 tokens
+    with pytest.warns(UserWarning, match=r"1 of 2 prompts \(index 1\).*32 tokens"):
+        out = pipe([PROMPTS[0], long], size="24x24", num_inference_steps=1, seed=0)
+    assert set(out.flags) == {"truncated"}
+    assert pipe(PROMPTS[:1], size="24x24", num_inference_steps=1, seed=0).flags == {}
+
+
 # --- seeds and batches -------------------------------------------------------------------
 
 def test_same_seed_same_image_different_seed_different(pipe: LensPipeline) -> None:

@@ -96,18 +96,23 @@ def test_tiny_pipeline_trains_and_tracks(tiny_pipeline: PipelineRuns, capsys,
     assert search_run.data.tags["system_prompt_hash"] == out["system_prompt_hash"]
     assert {"test/r/none/overall", "test/r/literal/overall", "test/r/seed/overall",
             "test/r/searched/overall",
-            "test/plain/searched/overall", "test/r/searched/truncation_rate"} <= set(
-        search_run.data.metrics)
+            "test/plain/searched/overall", "test/r/searched/truncation_rate",
+            "reasoner/rewrites", "reasoner/empty"} <= set(search_run.data.metrics)
     assert len(client.get_metric_history(by_stage["reasoner-search"], "search/best")) == 2
     candidates = client.search_runs(
         [parent.info.experiment_id],
         f"tags.`mlflow.parentRunId` = '{by_stage['reasoner-search']}'")
     assert len(candidates) >= 2  # the seed and at least one edit
     seed = [c for c in candidates if c.data.tags["parent_candidate"] == ""]
-    assert len(seed) == 1 and "dev/overall" in seed[0].data.metrics
+    assert len(seed) == 1 and {"dev/overall", "dev/language"} <= set(seed[0].data.metrics)
+    for cand in candidates:  # each carries its prompt, what it was made from, its failures
+        assert {a.path for a in client.list_artifacts(cand.info.run_id)} >= {
+            "system_prompt.txt", "failure_summary.txt", "failures.json"}
     assert all(c.data.tags["parent_candidate"] == seed[0].data.tags["system_prompt_hash"]
                for c in candidates if c is not seed[0])
     assert mv.tags["system_prompt_hash"] == out["system_prompt_hash"]
+    assert mlflow.artifacts.load_text(f"runs:/{mv.run_id}/system_prompt.txt") == \
+        mlflow.artifacts.load_text(f"runs:/{search_run.info.run_id}/system_prompt.txt")
     assert "## Reasoner" in mv.description and "eval_r.searched.overall" in mv.tags
     assert mv.tags["lens.run.reasoner"] == by_stage["reasoner"]
     assert mv.tags["lens.prefect_flow_run_id"] and mv.tags["lens.git_commit"]

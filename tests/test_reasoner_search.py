@@ -287,6 +287,24 @@ def test_llm_search_gives_up_with_llm_error() -> None:
     assert len(api.requests) == 2
 
 
+def test_llm_search_drops_over_long_prompts_and_retries_when_none_fit() -> None:
+    """An over-long proposal would be refused by the reasoner and end the search: it is
+    dropped, and an answer with nothing short enough is asked again, a bounded number of
+    times."""
+    long = "x" * 41
+    replies = iter([json.dumps({"prompts": [long, long]}),
+                    json.dumps({"prompts": [long, "short enough"]})])
+    with FakeOpenAI(lambda req: next(replies)) as api:
+        proposals = LLMSearch(endpoint(api), max_chars=40).propose(
+            seed_candidate(), 2, random.Random(0))
+    assert proposals == [("short enough", "llm")] and len(api.requests) == 2
+    assert "at most 40 characters" in api.requests[0]["messages"][-1]["content"]
+    with FakeOpenAI(lambda req: json.dumps({"prompts": [long]})) as api:
+        with pytest.raises(LLMError, match="over 40 characters.*max_system_chars"):
+            LLMSearch(endpoint(api, max_retries=1), max_chars=40).propose(
+                seed_candidate(), 1, random.Random(0))
+
+
 def test_search_with_the_llm_optimiser() -> None:
     better = system_prompt([RuleRef(n) for n in sorted(GOOD)])
     with FakeOpenAI(lambda req: json.dumps({"prompts": [better, SEED]})) as api:
@@ -331,3 +349,16 @@ def test_optimisers_and_summary_refuse_bad_arguments() -> None:
         LLMSearch(EndpointSection()).propose(seed_candidate(), 0, random.Random(0))
     with pytest.raises(ValueError, match="per_category must be 0 or more"):
         summarise(synthetic(SEED), per_category=-1)
+
+
+def test_compare_diffs_two_system_prompts_rule_by_rule() -> None:
+    from tasks.compare import prompt_diff
+
+    a = system_prompt([RuleRef("canonical"), RuleRef("english")])
+    b = system_prompt([RuleRef("canonical"), RuleRef("relation")])
+    out = prompt_diff(a, b)
+    assert out["hashes"] == [prompt_hash(a), prompt_hash(b)]
+    assert [line for line in out["diff"] if line[:1] in "+-" and line[:3] not in ("+++", "---")] \
+        == ["-" + RULES["english"].phrasings[0], "+" + RULES["relation"].phrasings[0]]
+    assert prompt_diff(a, a)["diff"] == []
+    assert prompt_diff(None, b)["hashes"] == [None, prompt_hash(b)]

@@ -11,6 +11,7 @@ Pure logic: the caller scores (``Scorer``) and logs (``on_candidate``).
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import random
 from collections import Counter
@@ -18,9 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from lens_model.reasoner.base import LIMIT_KEY
 from lens_model.reasoner.rules import MAX_RULES, RULES, RuleRef, parse
 from lens_model.recipe import EndpointSection
 from lens_model.rl.llm import chat_json
+
+log = logging.getLogger(__name__)
 
 OVERALL = "overall"
 
@@ -237,29 +241,38 @@ OPTIMISER_SYSTEM = (
     "what works. Reply with one JSON object and nothing else.")
 
 
-def _check_prompts(answer: dict[str, Any]) -> dict[str, list[str]]:
-    """The answer's {"prompts": [...]}, stripped; a ValueError says what is wrong."""
+def _check_prompts(answer: dict[str, Any], max_chars: int) -> dict[str, list[str]]:
+    """The answer's {"prompts": [...]}, stripped, without those over ``max_chars`` (each
+    would be refused by the reasoner and end the search); a ValueError says what is wrong."""
     prompts = answer.get("prompts")
     if not isinstance(prompts, list) or not prompts:
         raise ValueError("'prompts' must be a non-empty list of system prompts")
     if not all(isinstance(p, str) and p.strip() for p in prompts):
         raise ValueError("every entry of 'prompts' must be a non-empty string")
-    return {"prompts": [p.strip() for p in prompts]}
+    stripped = [p.strip() for p in prompts]
+    kept = [p for p in stripped if len(p) <= max_chars]
+    if not kept:
+        raise ValueError(f"every proposed system prompt is over {max_chars} characters "
+                         f"({LIMIT_KEY}): write shorter ones")
+    if len(kept) < len(stripped):
+        log.warning("dropped %d of %d proposed system prompts over %d characters (%s)",
+                    len(stripped) - len(kept), len(stripped), max_chars, LIMIT_KEY)
+    return {"prompts": kept}
 
 
 class LLMSearch:
     """Proposals from an OpenAI-compatible chat endpoint, for real deployments."""
 
-    def __init__(self, endpoint: EndpointSection, temperature: float = 1.0) -> None:
-        self.endpoint = endpoint
-        self.temperature = temperature
+    def __init__(self, endpoint: EndpointSection, max_chars: int = 2000,
+                 temperature: float = 1.0) -> None:
+        self.endpoint, self.max_chars, self.temperature = endpoint, max_chars, temperature
 
-    @staticmethod
-    def messages(best: Candidate, n: int) -> list[dict[str, str]]:
+    def messages(self, best: Candidate, n: int) -> list[dict[str, str]]:
         ask = (f"Best system prompt so far (overall score {best.overall:.3f}):\n"
                f"<<<\n{best.prompt.strip()}\n>>>\n\n"
                f"Its failures on the dev prompts:\n{summarise(best.score)}\n\n"
-               f"Write {n} different improved system prompts, each complete on its own.\n"
+               f"Write {n} different improved system prompts, each complete on its own and "
+               f"at most {self.max_chars} characters long.\n"
                'Answer as JSON: {"prompts": ["...", "..."]}')
         return [{"role": "system", "content": OPTIMISER_SYSTEM}, {"role": "user", "content": ask}]
 
@@ -270,7 +283,8 @@ class LLMSearch:
             raise ValueError(f"n must be 1 or more; got {n}")
         variant = rng.randrange(10 ** 6)  # the rng decides the sampling seed: reruns repeat
         answer = chat_json(self.endpoint, self.messages(best, n),
-                           f"system prompt proposals from {best.hash}", check=_check_prompts,
+                           f"system prompt proposals from {best.hash}",
+                           check=lambda a: _check_prompts(a, self.max_chars),
                            temperature=self.temperature, seed=variant)
         return [(p, "llm") for p in answer["prompts"][:n]]
 
