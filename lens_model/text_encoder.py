@@ -189,6 +189,11 @@ class LanguageEncoder(nn.Module):
             ids = self.tokenizer(prompt, add_special_tokens=True, truncation=True,
                                  max_length=self.max_length)["input_ids"]
             return list(ids), 0
+        ids, n_prefix = self._templated(prompt)
+        return ids[:n_prefix + self.max_length], n_prefix
+
+    def _templated(self, prompt: str) -> tuple[list[int], int]:
+        """The whole chat-templated prompt's ids, uncut, and its prefix token count."""
         text = self._render(prompt)
         start = len(self._prefix)
         if not text.startswith(self._prefix) or text[start:start + len(prompt)] != prompt:
@@ -197,15 +202,14 @@ class LanguageEncoder(nn.Module):
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
         n_prefix = sum(1 for _, end in offsets if end <= start)
-        return list(ids[:n_prefix + self.max_length]), n_prefix
+        return list(ids), n_prefix
 
     def truncates(self, prompt: str) -> bool:
         """Whether :meth:`tokenize` cuts ``prompt`` short: it keeps ``max_length`` tokens."""
         if not self.use_template:
             return len(self.tokenizer(prompt, add_special_tokens=True)["input_ids"]) \
                 > self.max_length
-        _, n_prefix = self.tokenize(prompt)
-        full = self.tokenizer(self._render(prompt), add_special_tokens=False)["input_ids"]
+        full, n_prefix = self._templated(prompt)  # one tokenization, not a second to compare
         return len(full) - n_prefix > self.max_length
 
     @torch.no_grad()
